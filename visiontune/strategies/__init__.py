@@ -1,0 +1,53 @@
+"""Strategy registry: name -> (config dataclass, apply). Each strategy registers next to its definition."""
+
+from __future__ import annotations
+
+import importlib
+
+from .base import (
+    Strategy,
+    StrategyConfig,
+    StrategyError,
+    apply_strategy,
+    available_strategies,
+    check_positive,
+    delta_parameter_names,
+    get_strategy,
+    head_parameter_names,
+    make_strategy_config,
+    register_strategy,
+    trainable_parameter_count,
+)
+
+# Modules that define built-in strategies; imported lazily the first time the registry is read.
+_BUILTIN_MODULES = ("freeze", "lora", "adapter", "prompt", "sparse")
+_loaded = False
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BUILTIN_MODULES:
+        try:
+            importlib.import_module(f"{__name__}.{mod}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{mod}":
+                raise
+
+
+__all__ = [
+    "Strategy",
+    "StrategyConfig",
+    "StrategyError",
+    "apply_strategy",
+    "available_strategies",
+    "check_positive",
+    "delta_parameter_names",
+    "get_strategy",
+    "head_parameter_names",
+    "make_strategy_config",
+    "register_strategy",
+    "trainable_parameter_count",
+]

@@ -1,0 +1,107 @@
+"""Strategies that only choose which existing parameters train: full, linear, last_k, bitfit, norm."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from ..groups import depth_groups
+from .base import StrategyConfig, StrategyError, register_strategy
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+
+
+def _norm_parameter_ids(model: nn.Module) -> set[int]:
+    ids: set[int] = set()
+    for m in model.modules():
+        if isinstance(m, _NORMS) or type(m).__name__.endswith(("Norm", "Norm2d", "NormAct2d")):
+            ids.update(id(p) for p in m.parameters(recurse=False))
+    return ids
+
+
+@dataclass
+class FullConfig(StrategyConfig):
+    """Train every parameter."""
+
+
+@register_strategy("full", FullConfig)
+def apply_full(model: nn.Module, cfg: FullConfig) -> None:
+    """Full fine-tuning: every parameter trains."""
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+
+@dataclass
+class LinearConfig(StrategyConfig):
+    """Train the head only (linear probe)."""
+
+
+@register_strategy("linear", LinearConfig)
+def apply_linear(model: nn.Module, cfg: LinearConfig) -> None:
+    """Linear probe: only the new head trains."""
+
+
+@dataclass
+class LastKConfig(StrategyConfig):
+    """Train the last ``k`` depth groups (timm ``group_matcher``) and the head.
+
+    Args:
+        k: number of depth groups before the head to train (≥ 1).
+        coarse: count stages (timm coarse groups) instead of blocks.
+    """
+
+    k: int = 1
+    coarse: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.k, int) or self.k < 1:
+            raise StrategyError(f"option 'k' of strategy 'last_k' must be an integer >= 1, got {self.k!r}")
+
+
+@register_strategy("last_k", LastKConfig)
+def apply_last_k(model: nn.Module, cfg: LastKConfig) -> None:
+    """Last-k: the last k depth groups (blocks or stages) plus the head train."""
+    groups = depth_groups(model, coarse=cfg.coarse)[:-1]
+    if cfg.k > len(groups):
+        raise StrategyError(
+            f"last_k: k={cfg.k} but {type(model).__name__} has only {len(groups)} depth groups"
+        )
+    chosen = {n for g in groups[-cfg.k :] for n in g}
+    for n, p in model.named_parameters():
+        if n in chosen:
+            p.requires_grad_(True)
+
+
+@dataclass
+class BitFitConfig(StrategyConfig):
+    """Train all biases (and the head).
+
+    Args:
+        train_norm: also train normalisation weights (scales), not just their biases.
+    """
+
+    train_norm: bool = False
+
+
+@register_strategy("bitfit", BitFitConfig)
+def apply_bitfit(model: nn.Module, cfg: BitFitConfig) -> None:
+    """BitFit: every bias trains; optionally the norm scales too."""
+    norm_ids = _norm_parameter_ids(model) if cfg.train_norm else set()
+    for n, p in model.named_parameters():
+        if n.endswith("bias") or id(p) in norm_ids:
+            p.requires_grad_(True)
+
+
+@dataclass
+class NormConfig(StrategyConfig):
+    """Train only the affine parameters of normalisation layers (and the head)."""
+
+
+@register_strategy("norm", NormConfig)
+def apply_norm(model: nn.Module, cfg: NormConfig) -> None:
+    """Norm tuning: only normalisation scales and shifts train."""
+    norm_ids = _norm_parameter_ids(model)
+    for p in model.parameters():
+        if id(p) in norm_ids:
+            p.requires_grad_(True)
