@@ -1,1 +1,80 @@
+"""visiontune: transfer learning for computer vision on any timm backbone.
+
+Everything public is importable from the top level; heavy dependencies (lightning, albumentations)
+load on first use, so ``import visiontune`` stays fast.
+
+Example:
+    >>> import visiontune as vt
+    >>> model = vt.TransferClassifier("tf_efficientnet_lite0", weights="package", num_classes=10,
+    ...                               strategy="bitfit")
+    >>> data = vt.ImageDataModule(train="digits", image_size=64, labels_per_class=5)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # backbones
+    "create_backbone": "backbones", "data_config": "backbones", "BackboneError": "backbones",
+    "load_state_dict_file": "backbones",
+    # strategies
+    "available_strategies": "strategies", "apply_strategy": "strategies", "register_strategy": "strategies",
+    "make_strategy_config": "strategies", "StrategyConfig": "strategies", "StrategyError": "strategies",
+    "trainable_parameter_count": "strategies", "get_strategy": "strategies",
+    "FullConfig": "strategies.freeze", "LinearConfig": "strategies.freeze", "LastKConfig": "strategies.freeze",
+    "BitFitConfig": "strategies.freeze", "NormConfig": "strategies.freeze",
+    # groups / optim
+    "depth_groups": "groups", "param_groups": "optim", "layer_scales": "optim",
+    # data
+    "ImageDataModule": "data", "ImageDataset": "data", "DataError": "data", "read_source": "data",
+    "register_dataset": "data", "load_image": "data.images", "BadImageError": "data.images",
+    "check_images": "data.images",
+    # model, reports, cli
+    "TransferClassifier": "module", "RunReport": "report", "PredictionCSVWriter": "report",
+    "main": "cli",
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def _optional_exports() -> None:
+    """Exports of modules that may not exist in every build (added by later features)."""
+    extra = {
+        "LoRAConfig": "strategies.lora", "QLoRAConfig": "strategies.lora", "merge": "strategies.lora",
+        "unmerge": "strategies.lora", "merge_and_unload": "strategies.lora",
+        "AdapterConfig": "strategies.adapter", "VPTConfig": "strategies.prompt",
+        "SparseConfig": "strategies.sparse",
+        "FixMatchConfig": "semisup", "expand_classes": "classes", "ClassExpansionConfig": "classes",
+        "save_delta": "delta", "load_delta": "delta",
+        "GradualUnfreeze": "schedule", "compare": "compare",
+    }
+    for name, mod in extra.items():
+        _EXPORTS.setdefault(name, mod)
+
+
+_optional_exports()
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'visiontune' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .backbones import BackboneError, create_backbone, data_config  # noqa: F401
+    from .data import DataError, ImageDataModule  # noqa: F401
+    from .module import TransferClassifier  # noqa: F401
+    from .strategies import apply_strategy, available_strategies  # noqa: F401

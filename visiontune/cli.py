@@ -1,0 +1,119 @@
+"""The ``visiontune`` command: LightningCLI (fit/validate/test/predict) plus visiontune's own tools.
+
+    visiontune fit --config configs/quickstart.yaml
+    visiontune fit --config configs/quickstart.yaml --model.strategy last_k --model.strategy_args '{k: 2}'
+    visiontune fit --config configs/quickstart.yaml --print_config > my.yaml
+    visiontune predict --ckpt_path runs/.../checkpoints/last.ckpt --data.predict photos/
+    visiontune strategies
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+__all__ = ["main", "VisionTuneCLI"]
+
+
+def _strategies(argv: Sequence[str]) -> int:
+    from .strategies import available_strategies, get_strategy
+
+    for name in available_strategies():
+        print(f"{name:10s} {get_strategy(name).description}")
+    return 0
+
+
+# visiontune's own sub-commands (not LightningCLI ones); each takes the remaining argv.
+TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"strategies": _strategies}
+
+
+def register_tool(name: str) -> Callable:
+    """Register a ``visiontune NAME ...`` sub-command next to its definition."""
+
+    def deco(fn: Callable[[Sequence[str]], int]) -> Callable[[Sequence[str]], int]:
+        TOOLS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_tools() -> None:
+    import importlib
+
+    for mod in ("visiontune.checks", "visiontune.compare", "visiontune.schedule", "visiontune.tuning"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as exc:
+            if exc.name != mod:
+                raise
+
+
+def _cli_class():
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.cli import LightningCLI
+
+    from .data import ImageDataModule
+    from .module import TransferClassifier
+    from .report import PredictionCSVWriter, RunReport
+
+    class VisionTuneCLI(LightningCLI):
+        """LightningCLI with visiontune's defaults: run directory, checkpoints, report, predictions CSV."""
+
+        def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
+            super().__init__(
+                TransferClassifier,
+                ImageDataModule,
+                seed_everything_default=0,
+                save_config_kwargs={"overwrite": True},
+                trainer_defaults={
+                    "logger": {
+                        "class_path": "lightning.pytorch.loggers.CSVLogger",
+                        "init_args": {"save_dir": "runs", "name": "visiontune"},
+                    },
+                    "callbacks": [RichProgressBar()],
+                    "enable_model_summary": False,
+                },
+                args=list(args) if args is not None else None,
+                run=run,
+            )
+
+        def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults({"checkpoint.monitor": "val_acc", "checkpoint.mode": "max",
+                                 "checkpoint.save_last": True, "checkpoint.filename": "best"})
+            parser.add_lightning_class_args(RunReport, "report")
+            parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
+
+        def before_instantiate_classes(self) -> None:
+            sub = self.config.get("subcommand")
+            if sub and self.config[sub].get("ckpt_path"):
+                # every weight comes from the checkpoint: never download or re-read the pretrained ones
+                self.config[sub].model.weights = None
+
+    return VisionTuneCLI
+
+
+def __getattr__(name: str):
+    if name == "VisionTuneCLI":
+        return _cli_class()
+    raise AttributeError(name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``visiontune`` command."""
+    from_sys = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _load_tools()
+    if argv and argv[0] in TOOLS:
+        return TOOLS[argv[0]](argv[1:]) or 0
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print("visiontune tools: " + ", ".join(sorted(TOOLS)))
+        print("LightningCLI sub-commands: fit, validate, test, predict (visiontune fit --help)")
+        return 0
+    _cli_class()(args=None if from_sys else argv)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""``ImageDataModule``: folders, CSVs, arrays or built-in datasets → seeded splits → albumentations → loaders."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from .sources import (
+    DataError,
+    Samples,
+    align_classes,
+    read_source,
+    stratified_split,
+    take_per_class,
+)
+from .transforms import eval_transform, seed_transform, train_transform
+
+__all__ = ["ImageDataModule", "ImageDataset"]
+
+SourceArg = Optional[Union[str, Path, Any]]
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default decompression-bomb limit
+
+
+class ImageDataset(Dataset):
+    """Samples + transform(s). Returns ``(image, label)``; with several transforms, ``(view1, view2, ..., label)``.
+
+    Args:
+        samples: items and labels.
+        transforms: one albumentations pipeline, or a sequence giving one view each.
+        return_index: return the item index instead of the label (prediction).
+        max_pixels: decompression-bomb limit for files.
+    """
+
+    def __init__(
+        self,
+        samples: Samples,
+        transforms: Callable | Sequence[Callable],
+        *,
+        return_index: bool = False,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.samples = samples
+        self.multi = isinstance(transforms, (list, tuple))
+        self.transforms = list(transforms) if self.multi else [transforms]
+        self.return_index = return_index
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def reseed(self, seed: int) -> None:
+        for k, t in enumerate(self.transforms):
+            seed_transform(t, seed * 7919 + k)
+
+    def load(self, i: int) -> np.ndarray:
+        item = self.samples.items[i]
+        if isinstance(item, np.ndarray):
+            return item
+        from .images import load_image
+
+        return load_image(item, max_pixels=self.max_pixels)
+
+    def __getitem__(self, i: int):
+        image = self.load(i)
+        views = [t(image=image)["image"] for t in self.transforms]
+        target = i if self.return_index else int(self.samples.labels[i])
+        if self.multi:
+            return (*views, target)
+        return views[0], target
+
+
+def _worker_init(worker_id: int) -> None:
+    """Seed numpy and the albumentations pipelines differently in every worker and every epoch."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % (2**32)
+    np.random.seed(seed)
+    import random
+
+    random.seed(seed)
+    ds = info.dataset
+    if hasattr(ds, "reseed"):
+        ds.reseed(seed)
+
+
+class ImageDataModule(L.LightningDataModule):
+    """Images for training, validation, test, prediction and an optional unlabeled pool.
+
+    Each of ``train``/``val``/``test``/``unlabeled``/``predict`` takes a folder (``root/<class>/*.jpg``),
+    a CSV (``path,label``, paths relative to the CSV), a built-in dataset name (``"digits"``) or, from
+    Python, an ``(images, labels)`` tuple of numpy arrays. Class names come from the training data.
+
+    Args:
+        train: labeled training data.
+        val: validation data; ``None`` splits ``val_split`` of ``train`` off (stratified, seeded).
+        test: test data; ``None`` splits ``test_split`` of ``train`` off (0 = no test set).
+        unlabeled: unlabeled images (folder/CSV, labels ignored), or ``"rest"`` for the training images
+            left over by ``labels_per_class``.
+        predict: images to predict (folder, with or without class subfolders, or CSV).
+        image_size: square input side; ``None`` = the backbone's pretrained input size.
+        batch_size: labeled batch size.
+        labels_per_class: keep only k labeled training images per class (seeded; recorded in the run).
+        val_split, test_split: fractions of ``train`` used when ``val``/``test`` are not given.
+        seed: seeds splits, shuffling and augmentation.
+        num_workers: loader workers; ``None`` = 0 on ≤ 2 cores, else min(8, cores // 2).
+        crop_scale: min and max area of the random resized crop; ``[1, 1]`` = plain resize.
+        hflip: random horizontal flips in training.
+        mean, std: normalisation; ``None`` = the backbone's (from the model, at setup).
+        unlabeled_ratio: unlabeled batch = ratio × batch_size (FixMatch μ); ``None`` = the model's μ, or 7.
+        max_pixels: images larger than this many pixels are refused (decompression bombs).
+
+    Example:
+        >>> dm = ImageDataModule(train="digits", image_size=32, batch_size=16, labels_per_class=5)
+        >>> dm.setup("fit")
+        >>> len(dm.train_set), dm.class_names[:3]
+        (50, ['0', '1', '2'])
+    """
+
+    def __init__(
+        self,
+        train: SourceArg = None,
+        val: SourceArg = None,
+        test: SourceArg = None,
+        unlabeled: SourceArg = None,
+        predict: SourceArg = None,
+        image_size: Optional[int] = None,
+        batch_size: int = 32,
+        labels_per_class: Optional[int] = None,
+        val_split: float = 0.2,
+        test_split: float = 0.0,
+        seed: int = 0,
+        num_workers: Optional[int] = None,
+        crop_scale: tuple[float, float] = (0.6, 1.0),
+        hflip: bool = True,
+        mean: Optional[tuple[float, float, float]] = None,
+        std: Optional[tuple[float, float, float]] = None,
+        unlabeled_ratio: Optional[int] = None,
+        max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        super().__init__()
+        problems = []
+        if image_size is not None and (not isinstance(image_size, int) or image_size <= 0):
+            problems.append(f"image_size must be a positive integer, got {image_size!r}")
+        if not isinstance(batch_size, int) or batch_size <= 0:
+            problems.append(f"batch_size must be a positive integer, got {batch_size!r}")
+        if labels_per_class is not None and (not isinstance(labels_per_class, int) or labels_per_class < 1):
+            problems.append(f"labels_per_class must be an integer >= 1, got {labels_per_class!r}")
+        for name, v in (("val_split", val_split), ("test_split", test_split)):
+            if not 0 <= v < 1:
+                problems.append(f"{name} must be in [0, 1), got {v!r}")
+        if not (0 < crop_scale[0] <= crop_scale[1] <= 1):
+            problems.append(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
+        if unlabeled_ratio is not None and unlabeled_ratio < 1:
+            problems.append(f"unlabeled_ratio (mu) must be >= 1, got {unlabeled_ratio!r}")
+        if problems:
+            raise DataError(problems, "ImageDataModule")
+        self.train, self.val, self.test, self.unlabeled, self.predict = train, val, test, unlabeled, predict
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.labels_per_class = labels_per_class
+        self.val_split, self.test_split = val_split, test_split
+        self.seed = seed
+        self.num_workers = num_workers
+        self.crop_scale = tuple(crop_scale)
+        self.hflip = hflip
+        self.mean, self.std = mean, std
+        self.unlabeled_ratio = unlabeled_ratio
+        self.max_pixels = max_pixels
+        self._train_samples: Samples | None = None
+        self.train_set = self.val_set = self.test_set = self.unlabeled_set = self.predict_set = None
+        self.split: dict[str, list[str]] = {}
+        self.semi_supervised = False  # set by a module that trains on the unlabeled pool
+        self.unlabeled_transforms: Sequence[Callable] | None = None
+
+    # ------------------------------------------------------------------ classes and normalisation
+    @property
+    def train_samples(self) -> Samples | None:
+        if self._train_samples is None and self.train is not None:
+            self._train_samples = read_source(self.train)
+        return self._train_samples
+
+    @property
+    def class_names(self) -> list[str] | None:
+        """Class names in label order, from the training data (``None`` without training data)."""
+        s = self.train_samples
+        return list(s.class_names) if s is not None else None
+
+    def _resolve_normalisation(self) -> tuple[int, tuple, tuple, str]:
+        cfg: dict[str, Any] = {}
+        trainer = getattr(self, "trainer", None)
+        module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+        if module is not None and hasattr(module, "data_config"):
+            cfg = module.data_config
+        size = self.image_size or (cfg.get("input_size", (3, 224, 224))[-1])
+        mean = tuple(self.mean or cfg.get("mean", (0.485, 0.456, 0.406)))
+        std = tuple(self.std or cfg.get("std", (0.229, 0.224, 0.225)))
+        return int(size), mean, std, cfg.get("interpolation", "bilinear")
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str | None = None) -> None:
+        size, mean, std, interp = self._resolve_normalisation()
+        self.resolved = {"image_size": size, "mean": mean, "std": std}
+        evaluate = eval_transform(size, mean, std, interp)
+        if stage in (None, "fit", "validate", "test") and self.train is not None:
+            self._setup_labeled(size, mean, std, interp, evaluate)
+        elif stage in ("validate", "test"):
+            names = getattr(getattr(self, "trainer", None), "lightning_module", None)
+            names = getattr(names, "class_names", None)
+            for role in ("val", "test"):
+                src = getattr(self, role)
+                if src is not None:
+                    s = read_source(src)
+                    if names:
+                        s = align_classes(s, list(names), role)
+                    setattr(self, f"{role}_set", ImageDataset(s, evaluate, max_pixels=self.max_pixels))
+                    self.split[role] = [s.describe(i) for i in range(len(s))]
+        if stage in (None, "predict") and self.predict is not None:
+            s = read_source(self.predict, labeled=False)
+            self.predict_set = ImageDataset(s, evaluate, return_index=True, max_pixels=self.max_pixels)
+
+    def _setup_labeled(self, size: int, mean: tuple, std: tuple, interp: str, evaluate: Callable) -> None:
+        full = self.train_samples
+        assert full is not None
+        names = full.class_names
+        idx = np.arange(len(full))
+        test = val = None
+        if self.test is not None:
+            test = align_classes(read_source(self.test), names, "test")
+        elif self.test_split > 0:
+            keep, take = stratified_split(full.labels, self.test_split, self.seed)
+            test, idx = full.subset(take), keep
+        if self.val is not None:
+            val = align_classes(read_source(self.val), names, "val")
+        elif self.val_split > 0:
+            frac = self.val_split / (1 - self.test_split) if self.test is None else self.val_split
+            keep, take = stratified_split(full.labels[idx], frac, self.seed + 1)
+            val, idx = full.subset(idx[take]), idx[keep]
+        rest = np.array([], dtype=np.int64)
+        if self.labels_per_class is not None:
+            chosen, rest_local = take_per_class(full.labels[idx], self.labels_per_class, self.seed + 2, names)
+            idx, rest = idx[chosen], idx[rest_local]
+        train = full.subset(idx)
+        augment = train_transform(size, mean, std, scale=self.crop_scale, hflip=self.hflip, interpolation=interp)
+        self.train_set = ImageDataset(train, augment, max_pixels=self.max_pixels)
+        self.train_set.reseed(self.seed)
+        self.val_set = ImageDataset(val, evaluate, max_pixels=self.max_pixels) if val is not None else None
+        self.test_set = ImageDataset(test, evaluate, max_pixels=self.max_pixels) if test is not None else None
+        self.split = {"train": [train.describe(i) for i in range(len(train))]}
+        if val is not None:
+            self.split["val"] = [val.describe(i) for i in range(len(val))]
+        if test is not None:
+            self.split["test"] = [test.describe(i) for i in range(len(test))]
+        pool = None
+        if isinstance(self.unlabeled, str) and self.unlabeled == "rest":
+            if self.labels_per_class is None:
+                raise DataError("unlabeled='rest' needs labels_per_class (the rest of each class is the pool)")
+            pool = full.subset(rest)  # true labels kept: pseudo-label accuracy can be measured
+        elif self.unlabeled is not None:
+            pool = read_source(self.unlabeled, labeled=False)
+        if pool is not None:
+            self.split["unlabeled"] = [pool.describe(i) for i in range(len(pool))]
+            views = self.unlabeled_transforms or [augment]
+            self.unlabeled_set = ImageDataset(pool, views, max_pixels=self.max_pixels)
+            self.unlabeled_set.reseed(self.seed + 3)
+
+    # ------------------------------------------------------------------ loaders
+    def _workers(self) -> int:
+        if self.num_workers is not None:
+            return self.num_workers
+        cores = os.cpu_count() or 1
+        return 0 if cores <= 2 else min(8, cores // 2)
+
+    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0) -> DataLoader:
+        workers = self._workers()
+        generator = torch.Generator().manual_seed(self.seed + seed_offset)
+        return DataLoader(
+            ds,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            worker_init_fn=_worker_init if workers else None,
+            generator=generator,
+            persistent_workers=workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def _require(self, ds: Dataset | None, role: str) -> Dataset:
+        if ds is None:
+            raise DataError(f"no {role} data: set data.{role}" + (" (or data.train for a split)" if role in ("val", "test") else ""))
+        return ds
+
+    def train_dataloader(self):
+        labeled = self._loader(self._require(self.train_set, "train"), min(self.batch_size, len(self.train_set)), True)
+        if self.semi_supervised and self.unlabeled_set is not None:
+            ratio = self.unlabeled_ratio or 7
+            unl = self._loader(self.unlabeled_set, self.batch_size * ratio, True, seed_offset=1)
+            return {"labeled": labeled, "unlabeled": unl}
+        return labeled
+
+    def val_dataloader(self):
+        return self._loader(self._require(self.val_set, "val"), self.batch_size, False)
+
+    def test_dataloader(self):
+        return self._loader(self._require(self.test_set, "test"), self.batch_size, False)
+
+    def predict_dataloader(self):
+        return self._loader(self._require(self.predict_set, "predict"), self.batch_size, False)
+
+    # ------------------------------------------------------------------ checkpoint
+    def state_dict(self) -> dict[str, Any]:
+        return {"class_names": self.class_names, "split": self.split, "seed": self.seed,
+                "labels_per_class": self.labels_per_class}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("class_names")
+        if saved is not None and self.class_names is not None and list(saved) != list(self.class_names):
+            raise DataError(
+                f"checkpoint classes {saved} differ from the data's classes {self.class_names}"
+            )
+
+    def num_batches_hint(self) -> int:
+        return math.ceil(len(self.train_set) / self.batch_size) if self.train_set is not None else 0

