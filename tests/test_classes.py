@@ -1,0 +1,220 @@
+"""Class expansion: head growth, imprinting, in-place expansion of timm models, old-class protection."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visiontune.classes import (
+    ClassExpansionConfig,
+    distillation_loss,
+    expand_classes,
+    expand_head,
+    freeze_rows,
+    imprint_weights,
+    split_accuracy,
+)
+
+
+def _head(in_f: int = 6, out_f: int = 3, bias: bool = True) -> nn.Linear:
+    torch.manual_seed(0)
+    return nn.Linear(in_f, out_f, bias=bias)
+
+
+# --- expand_head / imprint_weights ------------------------------------------------------------
+
+
+def test_expand_head_keeps_old_rows_bit_identical():
+    head = _head()
+    w_new, b_new = torch.randn(2, 6), torch.randn(2)
+    big = expand_head(head, 2, init_weights=w_new, init_bias=b_new)
+    assert (big.in_features, big.out_features) == (6, 5)
+    assert torch.equal(big.weight[:3], head.weight) and torch.equal(big.bias[:3], head.bias)
+    assert torch.equal(big.weight[3:], w_new) and torch.equal(big.bias[3:], b_new)
+    assert big.weight.requires_grad and big.weight is not head.weight
+    x = torch.randn(4, 6)
+    assert torch.allclose(big(x)[:, :3], head(x))
+    default = expand_head(head, 1)
+    assert default.out_features == 4 and torch.equal(default.weight[:3], head.weight)
+
+
+def test_expand_head_preserves_dtype_no_bias_and_frozen_flag():
+    head = _head(bias=False).double().requires_grad_(False)
+    big = expand_head(head, 2)
+    assert big.bias is None and big.weight.dtype == torch.float64 and not big.weight.requires_grad
+    with pytest.raises(ValueError, match="no bias"):
+        expand_head(head, 1, init_bias=torch.zeros(1))
+    with pytest.raises(ValueError, match=r"init_weights must have shape \(2, 6\)"):
+        expand_head(_head(), 2, init_weights=torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="num_new"):
+        expand_head(_head(), 0)
+    with pytest.raises(TypeError, match="nn.Linear"):
+        expand_head(nn.Conv2d(1, 1, 1), 1)
+
+
+def test_imprint_direction_is_normalised_class_mean_and_norm_matches_old_rows():
+    head = _head()
+    g = torch.Generator().manual_seed(1)
+    feats = torch.rand(7, 6, generator=g) * torch.tensor([1.0, 5, 1, 1, 1, 1])
+    labels = torch.tensor([0, 1, 0, 1, 1, 0, 1])
+    w, b = imprint_weights(feats, labels, 2, reference_head=head)
+    mean_norm = head.weight.norm(dim=1).mean()
+    for j in range(2):
+        fj = F.normalize(feats[labels == j], dim=1).mean(0)
+        assert torch.allclose(F.normalize(w[j], dim=0), F.normalize(fj, dim=0), atol=1e-6)
+        assert w[j].norm() == pytest.approx(mean_norm.item(), rel=1e-6)
+    assert torch.allclose(b, head.bias.mean().expand(2))
+    _, no_bias = imprint_weights(feats, labels, 2, reference_head=_head(bias=False))
+    assert no_bias is None
+
+
+def test_imprint_errors_name_the_problem():
+    head = _head()
+    with pytest.raises(ValueError, match=r"new classes \[1\] have no support"):
+        imprint_weights(torch.randn(2, 6), torch.tensor([0, 0]), 2, reference_head=head)
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        imprint_weights(torch.randn(2, 6), torch.tensor([0, 5]), 2, reference_head=head)
+    with pytest.raises(ValueError, match=r"\(N, 6\)"):
+        imprint_weights(torch.randn(2, 5), torch.tensor([0, 1]), 2, reference_head=head)
+
+
+# --- expand_classes on timm models ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, kwargs", [("test_efficientnet", {}), ("test_nfnet", {}), ("test_vit", {"img_size": 32})])
+def test_expand_classes_in_place_on_timm_models(name, kwargs):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=3, **kwargs).train()
+    head_path = model.pretrained_cfg["classifier"]
+    old_head = model.get_classifier()
+    old_w, old_b = old_head.weight.detach().clone(), old_head.bias.detach().clone()
+    bufs = {k: v.clone() for k, v in model.named_buffers()}
+    images = torch.randn(5, 3, 32, 32)
+    labels = torch.tensor([0, 1, 0, 1, 1])
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+    model.train()
+
+    names = expand_classes(model, ["wren", "robin"], (images, labels), old_class_names=["a", "b", "c"])
+
+    assert names == ["a", "b", "c", "wren", "robin"]
+    new_head = model.get_classifier()
+    assert model.get_submodule(head_path) is new_head and new_head.out_features == 5
+    assert model.num_classes == 5
+    assert model.training  # mode restored
+    assert torch.equal(new_head.weight[:3], old_w) and torch.equal(new_head.bias[:3], old_b)
+    for k, v in model.named_buffers():  # support features in eval mode: BN stats untouched
+        assert torch.equal(v, bufs[k]), k
+    model.eval()
+    with torch.no_grad():
+        after = model(x)
+        feats = model.forward_head(model.forward_features(images), pre_logits=True)
+    assert after.shape == (2, 5) and torch.allclose(after[:, :3], before, atol=1e-5)
+    for j in range(2):
+        mean_dir = F.normalize(F.normalize(feats[labels == j], dim=1).mean(0), dim=0)
+        assert torch.allclose(F.normalize(new_head.weight[3 + j], dim=0), mean_dir, atol=1e-5)
+
+
+def test_expand_classes_without_support_gives_neutral_rows():
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=2)
+    old_b = model.get_classifier().bias.detach().clone()
+    assert expand_classes(model, ["c"], old_class_names=["a", "b"]) == ["a", "b", "c"]
+    head = model.get_classifier()
+    assert torch.equal(head.weight[2], torch.zeros(head.in_features))
+    assert head.bias[2].item() == pytest.approx(old_b.mean().item())
+
+
+def test_expand_classes_errors_name_the_classes():
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=2)
+    old = ["crow", "gull"]
+    imgs = torch.randn(2, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"already exist among the old classes: \['gull'\]"):
+        expand_classes(model, ["wren", "gull"], old_class_names=old)
+    with pytest.raises(ValueError, match=r"without any support image: \['robin'\]"):
+        expand_classes(model, ["wren", "robin"], (imgs, torch.tensor([0, 0])), old_class_names=old)
+    with pytest.raises(ValueError, match=r"repeats \['wren'\]"):
+        expand_classes(model, ["wren", "wren"], old_class_names=old)
+    with pytest.raises(ValueError, match="has 3 names but the classifier has 2 outputs"):
+        expand_classes(model, ["wren"], old_class_names=old + ["owl"])
+    with pytest.raises(ValueError, match=r"index new_class_names .*subtract 2"):
+        expand_classes(model, ["wren"], (imgs, torch.tensor([2, 2])), old_class_names=old)
+    with pytest.raises(ValueError, match="2 images but 1 labels"):
+        expand_classes(model, ["wren"], (imgs, torch.tensor([0])), old_class_names=old)
+    assert model.get_classifier().out_features == 2  # nothing changed on error
+
+
+# --- old-class protection ------------------------------------------------------------------------
+
+
+def test_freeze_rows_gives_exact_zero_grads_for_weight_and_bias():
+    head = _head(out_f=5)
+    handles = freeze_rows(head, slice(0, 3))
+    head(torch.randn(8, 6)).pow(2).sum().backward()
+    assert torch.equal(head.weight.grad[:3], torch.zeros(3, 6))
+    assert torch.equal(head.bias.grad[:3], torch.zeros(3))
+    assert (head.weight.grad[3:] != 0).all() and (head.bias.grad[3:] != 0).all()
+    for h in handles:
+        h.remove()
+    head.zero_grad()
+    head(torch.randn(8, 6)).pow(2).sum().backward()
+    assert (head.weight.grad[:3] != 0).any()
+
+
+def test_freeze_rows_with_index_list_and_sgd_keeps_rows_fixed():
+    head = _head(out_f=4)
+    freeze_rows(head, [0, 2])
+    w0 = head.weight.detach().clone()
+    opt = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(head(torch.randn(8, 6)), torch.randint(0, 4, (8,))).backward()
+        opt.step()
+    assert torch.equal(head.weight[[0, 2]], w0[[0, 2]])
+    assert not torch.equal(head.weight[[1, 3]], w0[[1, 3]])
+    with pytest.raises(ValueError, match=r"rows \[7\] are out of range"):
+        freeze_rows(head, [7])
+
+
+def test_distillation_loss():
+    z = torch.randn(4, 3)
+    assert distillation_loss(z, z).item() == pytest.approx(0.0, abs=1e-7)
+    assert distillation_loss(torch.cat([z, torch.randn(4, 2)], 1), z).item() == pytest.approx(0.0, abs=1e-7)
+    s = torch.randn(4, 3, requires_grad=True)
+    T = 3.0
+    loss = distillation_loss(s, z, T=T)
+    p_t = torch.softmax(z / T, -1)
+    expected = (p_t * (p_t.log() - torch.log_softmax(s / T, -1))).sum(-1).mean() * T * T
+    assert torch.allclose(loss, expected, atol=1e-6) and loss.item() > 0
+    loss.backward()
+    assert s.grad is not None
+    with pytest.raises(ValueError, match="at least 3 classes"):
+        distillation_loss(torch.randn(4, 2), z)
+
+
+def test_class_expansion_config_validation():
+    cfg = ClassExpansionConfig()
+    assert (cfg.distill, cfg.temperature, cfg.freeze_old_rows) == (1.0, 2.0, False)
+    with pytest.raises(ValueError, match=r"ClassExpansionConfig\.distill must be a float >= 0"):
+        ClassExpansionConfig(distill=-1)
+    with pytest.raises(ValueError, match=r"ClassExpansionConfig\.temperature must be a float > 0"):
+        ClassExpansionConfig(temperature=0.0)
+    with pytest.raises(ValueError, match=r"ClassExpansionConfig\.freeze_old_rows must be a bool"):
+        ClassExpansionConfig(freeze_old_rows=1)
+
+
+def test_split_accuracy():
+    labels = torch.tensor([0, 1, 1, 2, 3, 3])
+    preds = torch.tensor([0, 0, 1, 2, 2, 2])
+    out = split_accuracy(preds, labels, old_classes=2)
+    assert out == {"acc_old": 2 / 3, "acc_new": 1 / 3, "acc_all": 0.5, "n_old": 3, "n_new": 3}
+    logits = F.one_hot(preds, 4).float()
+    assert split_accuracy(logits, labels, old_classes=2) == out
+    only_old = split_accuracy(torch.tensor([0]), torch.tensor([0]), old_classes=2)
+    assert only_old["acc_old"] == 1.0 and math.isnan(only_old["acc_new"])
