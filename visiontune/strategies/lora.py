@@ -1,0 +1,909 @@
+"""LoRA and QLoRA for timm models: low-rank deltas on Linear and Conv2d layers, fused qkv, grouped convs.
+
+A targeted layer is wrapped PEFT-style: the original module lives on as ``<name>.base_layer`` (frozen) and
+the wrapper adds two trainable factors, ``lora_A`` and ``lora_B``; the layer computes
+``base(x) + scaling · B(A(dropout(x)))`` with ``scaling = alpha / rank``. Parameter names drive what
+trains and what :mod:`visiontune.delta` saves, so every adapter parameter is named ``lora_A``/``lora_B``.
+
+* ``nn.Linear``: ``A`` is ``(rank, in)``, ``B`` is ``(out, rank)``; the forward never forms ``B·A``.
+* timm's fused ``qkv`` Linear: the layer is treated as the three projections it stands for; each chosen
+  part (``qkv="qv"`` → q and v, as in the LoRA paper) gets its own rank-``rank`` pair and only its output
+  slice moves. ``lora_A`` stacks the parts' A's ``(parts·rank, in)``, ``lora_B`` their B's ``(parts·d, rank)``.
+* dense ``nn.Conv2d`` (k×k or 1×1): ``A`` is a k×k conv to ``rank`` channels with the layer's stride,
+  padding and dilation, ``B`` a 1×1 conv back (PEFT's layout).
+* grouped / depthwise ``nn.Conv2d`` (``conv_groups="per_group"``): the delta keeps the layer's group
+  structure (a group's outputs only see that group's inputs). The weight, viewed as an
+  ``out × (in/groups·kh·kw)`` matrix, gets a rank-``rank`` factorisation: ``A`` (``rank`` kernels of shape
+  ``in/groups × kh × kw``) is a basis shared by the groups and ``B`` (``out × rank``) gives every output
+  channel its own mix. Parameters: ``rank·(out + in/groups·kh·kw)`` instead of the layer's
+  ``out·in/groups·kh·kw``; for a depthwise 3×3 conv with C channels, ``rank·(C + 9)`` vs ``9·C``.
+  A naive k×k LoRA per group would have more parameters than the layer itself.
+
+Never over-parameterised: where ``rank·(fan_out + fan_in)`` would reach the layer's own weight count, the
+rank of that layer is lowered (with a warning) to the largest one that stays below it; its scaling is then
+``alpha`` over that rank.
+
+``qlora`` also stores each targeted layer's frozen weight quantized (int8 per output channel, or 4-bit
+NF4 in blocks of 64) as buffers and dequantises it on the fly; the LoRA factors train in float on top.
+
+Example:
+    >>> import timm, torch
+    >>> from visiontune.strategies import apply_strategy
+    >>> net = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    >>> _ = apply_strategy(net, "lora", {"rank": 4})
+    >>> sorted({n.rsplit(".", 1)[-1] for n, p in net.named_parameters() if p.requires_grad})
+    ['bias', 'lora_A', 'lora_B', 'weight']
+    >>> _ = merge_and_unload(net)  # plain Linear layers again, delta baked in
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import warnings
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import StrategyConfig, StrategyError, register_strategy
+
+__all__ = [
+    "LoRAConfig",
+    "LoRAConv2d",
+    "LoRALayer",
+    "LoRALinear",
+    "LoRAQKVLinear",
+    "QLoRAConfig",
+    "QuantizedConv2d",
+    "QuantizedLinear",
+    "frozen_weight_bytes",
+    "inject_lora",
+    "lora_layers",
+    "lora_parameter_names",
+    "lora_targets",
+    "merge",
+    "merge_and_unload",
+    "unmerge",
+]
+
+_INITS = ("zero", "gaussian")
+_CONV_GROUPS = ("per_group", "refuse")
+_BITS = (4, 8)
+_NF4_BLOCK = 64
+
+
+# ----------------------------------------------------------------------------------------- configs
+def _patterns(strategy: str, option: str, value: object) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
+        raise StrategyError(
+            f"option {option!r} of strategy {strategy!r} must be a non-empty list of regexes or None, got {value!r}"
+        )
+    for pattern in value:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise StrategyError(f"option {option!r} of strategy {strategy!r}: bad regex {pattern!r} ({exc})") from None
+    return list(value)
+
+
+@dataclass
+class LoRAConfig(StrategyConfig):
+    """Options of the ``lora`` strategy.
+
+    Args:
+        rank: rank of each delta (> 0).
+        alpha: the delta is scaled by ``alpha / rank`` (> 0).
+        dropout: dropout on the delta's input, in [0, 1).
+        targets: regexes searched (``re.search``) in module names; ``None`` picks a preset from the layers
+            themselves: every Linear but the head where Linear layers hold most weights (ViT ``qkv``,
+            ``proj``, ``fc1``, ``fc2``); otherwise dense 1×1 convs (EfficientNet ``conv_pw``/``conv_pwl``,
+            bottleneck ResNet conv1x1s), or every dense conv but the stem when 1×1 convs hold under a third
+            of the dense conv weights (basic-block ResNets, VGG). The head is never wrapped: it trains in full.
+        exclude: regexes of module names to leave alone, applied after ``targets``.
+        qkv: parts of a fused ``qkv`` Linear that get a delta: a non-empty subset of ``"qkv"``.
+        conv_groups: ``"per_group"`` gives grouped/depthwise convs a delta that keeps their groups (see the
+            module docstring for its size); ``"refuse"`` raises naming the layer.
+        init: ``"zero"`` (B = 0, the model starts unchanged, standard) or ``"gaussian"`` (B ~ N(0, 0.02²):
+            a non-zero delta from the start, for tests and ablations).
+
+    Example:
+        >>> LoRAConfig(rank=4, targets=[r"attn\\.qkv$"], qkv="qkv").scaling
+        4.0
+    """
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] | None = None
+    exclude: list[str] | None = None
+    qkv: str = "qv"
+    conv_groups: str = "per_group"
+    init: str = "zero"
+
+    def __post_init__(self) -> None:
+        s = getattr(type(self), "strategy_name", "lora")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise StrategyError(f"option 'rank' of strategy {s!r} must be an integer > 0, got {self.rank!r}")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or not (
+            math.isfinite(self.alpha) and self.alpha > 0
+        ):
+            raise StrategyError(f"option 'alpha' of strategy {s!r} must be a number > 0, got {self.alpha!r}")
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise StrategyError(f"option 'dropout' of strategy {s!r} must be in [0, 1), got {self.dropout!r}")
+        self.targets = _patterns(s, "targets", self.targets)
+        self.exclude = _patterns(s, "exclude", self.exclude)
+        parts = self.qkv if isinstance(self.qkv, str) else None
+        if not parts or set(parts) - set("qkv") or len(set(parts)) != len(parts):
+            raise StrategyError(
+                f"option 'qkv' of strategy {s!r} must be a non-empty subset of 'qkv' "
+                f"(e.g. 'qv', 'qkv', 'q'), got {self.qkv!r}"
+            )
+        self.qkv = "".join(c for c in "qkv" if c in parts)
+        if self.conv_groups not in _CONV_GROUPS:
+            raise StrategyError(
+                f"option 'conv_groups' of strategy {s!r} must be one of {list(_CONV_GROUPS)}, got {self.conv_groups!r}"
+            )
+        if self.init not in _INITS:
+            raise StrategyError(f"option 'init' of strategy {s!r} must be one of {list(_INITS)}, got {self.init!r}")
+
+    @property
+    def scaling(self) -> float:
+        """``alpha / rank``: the factor applied to every delta of the configured rank."""
+        return self.alpha / self.rank
+
+
+@dataclass
+class QLoRAConfig(LoRAConfig):
+    """Options of the ``qlora`` strategy: LoRA on a quantized frozen base.
+
+    Args:
+        bits: 8 (int8, symmetric, one scale per output channel) or 4 (NF4, one absmax per block of 64
+            weights, two codes per byte). See :class:`LoRAConfig` for the other options.
+
+    Example:
+        >>> QLoRAConfig(bits=4).bits
+        4
+    """
+
+    bits: int = 8
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.bits, bool) or self.bits not in _BITS:
+            raise StrategyError(f"option 'bits' of strategy 'qlora' must be one of {list(_BITS)}, got {self.bits!r}")
+
+
+# ------------------------------------------------------------------------------------ conv helpers
+def _conv_is_supported(conv: nn.Conv2d) -> bool:
+    """Plain ``nn.Conv2d`` forward, or timm's dynamic-'same' ``Conv2dSame``: both are reproducible here."""
+    return type(conv).forward is nn.Conv2d.forward or _is_same_pad(conv)
+
+
+def _is_same_pad(conv: nn.Module) -> bool:
+    if isinstance(conv, QuantizedConv2d):
+        return conv.same_pad
+    try:
+        from timm.layers import Conv2dSame
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(conv, Conv2dSame)
+
+
+def _conv(conv: nn.Module, same_pad: bool, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+    """Convolve like ``conv`` (stride, padding, dilation, padding mode, TF 'same') with another weight."""
+    if same_pad:
+        pads = []
+        for size, k, s, d in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.dilation):
+            p = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            pads.append((p // 2, p - p // 2))
+        x = F.pad(x, (*pads[1], *pads[0]))
+        return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, groups)
+    if conv.padding_mode != "zeros":
+        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
+        return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, groups)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+# ------------------------------------------------------------------------------------ quantization
+def _nf4_codebook() -> Tensor:
+    """The 16 NF4 levels (QLoRA paper): normal quantiles, exact zero, scaled to [-1, 1]."""
+    offset = 0.9677083
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (levels / levels.abs().max()).float()
+
+
+class _QuantizedBase(nn.Module):
+    """Holds a frozen weight as int8 codes + per-channel scales, or packed NF4 codes + block absmax."""
+
+    def _store(self, weight: Tensor, bits: int) -> None:
+        if bits not in _BITS:
+            raise StrategyError(f"quantization to {bits} bits is not supported; use one of {list(_BITS)}")
+        self.bits = bits
+        self.weight_shape = tuple(weight.shape)
+        self.weight_dtype = weight.dtype
+        w = weight.detach().float()
+        if not torch.isfinite(w).all():
+            raise StrategyError("cannot quantize a weight holding NaN/inf")
+        if bits == 8:
+            rows = w.reshape(w.shape[0], -1)
+            scale = rows.abs().amax(dim=1) / 127.0
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+            self.register_buffer("weight_q", torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8))
+            self.register_buffer("weight_scale", scale)
+            return
+        flat = w.reshape(-1)
+        flat = F.pad(flat, (0, (-flat.numel()) % _NF4_BLOCK)).view(-1, _NF4_BLOCK)
+        absmax = flat.abs().amax(dim=1)
+        absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        code = _nf4_codebook().to(w.device)
+        idx = torch.bucketize(flat / absmax[:, None], (code[1:] + code[:-1]) / 2).reshape(-1).to(torch.uint8)
+        self.register_buffer("weight_q", (idx[0::2] << 4) | idx[1::2])  # two 4-bit codes per byte
+        self.register_buffer("weight_scale", absmax)
+        self.register_buffer("nf4_code", code, persistent=False)
+
+    def dequantized_weight(self) -> Tensor:
+        """The frozen weight in float (its original dtype and shape), rebuilt from the codes."""
+        if self.bits == 8:
+            w = self.weight_q.to(self.weight_scale.dtype) * self.weight_scale[:, None]
+        else:
+            idx = torch.stack([self.weight_q >> 4, self.weight_q & 15], dim=-1).reshape(-1, _NF4_BLOCK).long()
+            w = (self.nf4_code[idx] * self.weight_scale[:, None]).reshape(-1)[: math.prod(self.weight_shape)]
+        return w.reshape(self.weight_shape).to(self.weight_dtype)
+
+
+class QuantizedLinear(_QuantizedBase):
+    """A frozen ``nn.Linear`` whose weight is stored quantized and dequantised in ``forward``.
+
+    Args:
+        linear: the layer to quantize (its bias is kept, frozen, in float).
+        bits: 8 (int8 per output channel) or 4 (NF4 blocks of 64).
+
+    Example:
+        >>> q = QuantizedLinear(nn.Linear(64, 32), bits=8)
+        >>> q(torch.randn(2, 64)).shape
+        torch.Size([2, 32])
+    """
+
+    def __init__(self, linear: nn.Linear, bits: int = 8) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self._store(linear.weight, bits)
+        self.bias = linear.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.dequantized_weight(), self.bias)
+
+    def to_float(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantised weight."""
+        w = self.dequantized_weight()
+        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+
+
+class QuantizedConv2d(_QuantizedBase):
+    """A frozen ``nn.Conv2d`` (or timm ``Conv2dSame``) whose weight is stored quantized.
+
+    Args:
+        conv: the layer to quantize; stride, padding (incl. TF 'same'), dilation and groups are kept.
+        bits: 8 (int8 per output channel) or 4 (NF4 blocks of 64).
+
+    Example:
+        >>> q = QuantizedConv2d(nn.Conv2d(8, 16, 3, padding=1), bits=8)
+        >>> q(torch.randn(1, 8, 5, 5)).shape
+        torch.Size([1, 16, 5, 5])
+    """
+
+    def __init__(self, conv: nn.Conv2d, bits: int = 8) -> None:
+        super().__init__()
+        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
+                     "padding_mode", "_reversed_padding_repeated_twice"):
+            setattr(self, attr, getattr(conv, attr))
+        self.same_pad = _is_same_pad(conv)
+        self._store(conv.weight, bits)
+        self.bias = conv.bias
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _conv(self, self.same_pad, x, self.dequantized_weight(), self.bias, self.groups)
+
+    def to_float(self) -> nn.Conv2d:
+        """A plain conv (timm ``Conv2dSame`` where the original was one) holding the dequantised weight."""
+        w = self.dequantized_weight()
+        kw = dict(stride=self.stride, dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
+                  device=w.device, dtype=w.dtype)
+        if self.same_pad:
+            from timm.layers import Conv2dSame
+
+            out: nn.Conv2d = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, **kw)
+        else:
+            out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
+                            padding_mode=self.padding_mode, **kw)
+        with torch.no_grad():
+            out.weight.copy_(w)
+            if self.bias is not None:
+                out.bias.copy_(self.bias)
+        return out.requires_grad_(False)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"groups={self.groups}, bits={self.bits}")
+
+
+# -------------------------------------------------------------------------------------- LoRA layers
+class LoRALayer(nn.Module):
+    """Base of the LoRA wrappers: frozen ``base_layer`` + trainable ``lora_A``/``lora_B``, merge/unmerge.
+
+    Args:
+        base_layer: the wrapped layer (frozen here).
+        rank: rank of the delta.
+        alpha: ``scaling = alpha / rank``.
+        dropout: dropout on the delta's input.
+        name: the layer's name in the model, used in error messages.
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(16, 8), rank=2, init="gaussian")
+        >>> x = torch.randn(3, 16); y = layer(x)
+        >>> layer.merge(); torch.allclose(layer(x), y, atol=1e-6)
+        True
+    """
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    def __init__(
+        self, base_layer: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, name: str = ""
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        self.rank, self.alpha, self.scaling = rank, float(alpha), float(alpha) / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.layer_name = name or type(base_layer).__name__
+        self.merged = False
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen base weight is stored quantized (qlora)."""
+        return isinstance(self.base_layer, _QuantizedBase)
+
+    def _base_weight(self) -> Tensor:
+        base = self.base_layer
+        return base.dequantized_weight() if isinstance(base, _QuantizedBase) else base.weight
+
+    def _reset(self, init: str) -> None:
+        # A as nn.Linear/nn.Conv2d initialise their weights (PEFT does the same); B decides the start.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "zero":
+            nn.init.zeros_(self.lora_B)
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_B, std=0.02)
+        else:
+            raise StrategyError(f"option 'init' must be one of {list(_INITS)}, got {init!r}")
+
+    def delta_weight(self) -> Tensor:
+        """``scaling · B·A`` shaped like the base weight (only for merging; the forward never builds it)."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> Tensor:
+        """Base weight + delta, as a new tensor (the model is not changed)."""
+        w = self._base_weight()
+        return w.detach() + self.delta_weight().detach().to(w.dtype)
+
+    def _check_mergeable(self, safe: bool) -> None:
+        if self.quantized:
+            raise StrategyError(
+                f"LoRA layer {self.layer_name!r}: its base weight is quantized, so it cannot be merged in place "
+                "(and unmerged exactly); use merge_and_unload(model) for a float model"
+            )
+        if safe and not torch.isfinite(self.merged_weight()).all():
+            raise StrategyError(
+                f"safe merge refused: LoRA layer {self.layer_name!r} would get non-finite (NaN/inf) weights; "
+                "the model is unchanged"
+            )
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False) -> None:
+        """Add the delta into the base weight; the forward then runs the base layer alone.
+
+        Args:
+            safe: check the merged weight is finite first and raise (naming the layer) if not.
+        """
+        if self.merged:
+            return
+        self._check_mergeable(safe)
+        w = self.base_layer.weight
+        w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the same delta again (exact inverse of :meth:`merge` up to float rounding)."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def merged_module(self) -> nn.Module:
+        """A plain layer with the delta baked in (float, frozen): the wrapper's export form."""
+        if self.quantized:
+            plain = self.base_layer.to_float()
+            plain.weight.add_(self.delta_weight().to(plain.weight.dtype))
+            return plain
+        self.merge()
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on an ``nn.Linear`` (or :class:`QuantizedLinear`): ``y = base(x) + scaling·(x Aᵀ) Bᵀ``.
+
+    Parameters: ``rank·(in_features + out_features)``.
+
+    Args:
+        base_layer: the Linear to adapt.
+        rank: rank of the delta.
+        alpha: ``scaling = alpha / rank``.
+        dropout: dropout on the delta's input.
+        init: ``"zero"`` or ``"gaussian"`` (see :class:`LoRAConfig`).
+        name: the layer's name in the model.
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(16, 8), rank=2)
+        >>> layer.lora_A.shape, layer.lora_B.shape
+        (torch.Size([2, 16]), torch.Size([8, 2]))
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        init: str = "zero",
+        name: str = "",
+    ) -> None:
+        super().__init__(base_layer, rank, alpha, dropout, name)
+        like = self._base_weight()
+        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=like.dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, rank, dtype=like.dtype, device=like.device))
+        self._reset(init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        # Two thin matmuls; the frozen base gets no weight-gradient and B·A is never formed.
+        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+
+class LoRAQKVLinear(LoRALayer):
+    """LoRA on a fused ``qkv`` Linear, treated as its three projections; only the chosen parts move.
+
+    Each chosen part gets its own rank-``rank`` pair (as separate q/v projections would), so the output
+    slices of the other parts are exactly the base layer's. Parameters: ``len(parts)·rank·(in + d)``
+    with ``d = out_features / 3``.
+
+    Args:
+        base_layer: the fused Linear (``out_features`` divisible by 3, laid out q | k | v as in timm).
+        rank: rank of each part's delta.
+        alpha: ``scaling = alpha / rank``.
+        parts: non-empty subset of ``"qkv"``.
+        dropout: dropout on the delta's input.
+        init: ``"zero"`` or ``"gaussian"``.
+        name: the layer's name in the model.
+
+    Example:
+        >>> layer = LoRAQKVLinear(nn.Linear(8, 24), rank=2, alpha=4, parts="qv", init="gaussian")
+        >>> x = torch.randn(2, 8)
+        >>> torch.equal(layer(x)[:, 8:16], layer.base_layer(x)[:, 8:16])  # k untouched
+        True
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        parts: str = "qv",
+        dropout: float = 0.0,
+        init: str = "zero",
+        name: str = "",
+    ) -> None:
+        super().__init__(base_layer, rank, alpha, dropout, name)
+        if base_layer.out_features % 3:
+            raise StrategyError(
+                f"LoRA layer {self.layer_name!r}: a fused qkv Linear needs out_features divisible by 3, "
+                f"got {base_layer.out_features}"
+            )
+        if not parts or set(parts) - set("qkv"):
+            raise StrategyError(f"option 'qkv' must be a non-empty subset of 'qkv', got {parts!r}")
+        self.parts = "".join(c for c in "qkv" if c in parts)
+        self.part_dim = base_layer.out_features // 3
+        like = self._base_weight()
+        n = len(self.parts)
+        self.lora_A = nn.Parameter(torch.empty(n * rank, base_layer.in_features, dtype=like.dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.empty(n * self.part_dim, rank, dtype=like.dtype, device=like.device))
+        self._reset(init)
+
+    def _part_factors(self) -> Iterable[tuple[int, Tensor, Tensor]]:
+        r, d = self.rank, self.part_dim
+        for j, c in enumerate(self.parts):
+            yield "qkv".index(c), self.lora_A[j * r : (j + 1) * r], self.lora_B[j * d : (j + 1) * d]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        h = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # (..., parts·rank): one matmul for all
+        r, d = self.rank, self.part_dim
+        deltas = {"qkv".index(c): F.linear(h[..., j * r : (j + 1) * r], self.lora_B[j * d : (j + 1) * d])
+                  for j, c in enumerate(self.parts)}
+        return torch.cat([out[..., i * d : (i + 1) * d] + deltas[i] if i in deltas else out[..., i * d : (i + 1) * d]
+                          for i in range(3)], dim=-1)
+
+    def delta_weight(self) -> Tensor:
+        d = self.part_dim
+        delta = self.lora_A.new_zeros(3 * d, self.lora_A.shape[1])
+        for i, a, b in self._part_factors():
+            delta[i * d : (i + 1) * d] = (b @ a) * self.scaling
+        return delta
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts!r}, " + super().extra_repr()
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA on an ``nn.Conv2d`` (plain or timm ``Conv2dSame``, dense, grouped or depthwise).
+
+    ``lora_A`` has shape ``(rank, in/groups, kh, kw)``, ``lora_B`` ``(out, rank, 1, 1)``; parameters
+    ``rank·(out + in/groups·kh·kw)``. Dense convs run A as a k×k conv (the layer's stride/padding) and B as
+    a 1×1 conv beside the frozen base. Grouped convs use the delta weight ``B·A`` (as small as the layer,
+    and group-structured): without dropout in a single conv with ``W + delta`` (one conv instead of two).
+
+    Args:
+        base_layer: the conv to adapt.
+        rank: rank of the delta.
+        alpha: ``scaling = alpha / rank``.
+        dropout: dropout on the delta's input.
+        init: ``"zero"`` or ``"gaussian"``.
+        name: the layer's name in the model.
+
+    Example:
+        >>> layer = LoRAConv2d(nn.Conv2d(32, 32, 3, padding=1, groups=32), rank=4)
+        >>> sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n)  # 4·(32 + 9) < 288
+        164
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        init: str = "zero",
+        name: str = "",
+    ) -> None:
+        super().__init__(base_layer, rank, alpha, dropout, name)
+        if isinstance(base_layer, nn.Conv2d) and not _conv_is_supported(base_layer):
+            raise StrategyError(
+                f"LoRA layer {self.layer_name!r}: {type(base_layer).__name__} has its own forward "
+                "(a merged delta would not be exact); exclude it"
+            )
+        self.same_pad = _is_same_pad(base_layer)
+        like = self._base_weight()
+        out, in_g, kh, kw = like.shape
+        self.lora_A = nn.Parameter(torch.empty(rank, in_g, kh, kw, dtype=like.dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.empty(out, rank, 1, 1, dtype=like.dtype, device=like.device))
+        self._reset(init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        if self.merged:
+            return base(x)
+        if base.groups == 1:
+            h = _conv(base, self.same_pad, self.lora_dropout(x), self.lora_A, None, 1) * self.scaling
+            return base(x) + F.conv2d(h, self.lora_B)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            return base(x) + _conv(base, self.same_pad, self.lora_dropout(x), self.delta_weight(), None, base.groups)
+        # Grouped weights are tiny: one conv with W + delta beats a rank-expanded grouped conv pair.
+        weight = self._base_weight() + self.delta_weight()
+        return _conv(base, self.same_pad, x, weight, base.bias, base.groups)
+
+    def delta_weight(self) -> Tensor:
+        shape = (self.lora_B.shape[0], *self.lora_A.shape[1:])
+        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).view(shape) * self.scaling
+
+
+# --------------------------------------------------------------------------------- model surgery
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """Every LoRA wrapper of ``model`` by module name.
+
+    Example:
+        >>> lora_layers(nn.Sequential(nn.Linear(2, 2)))
+        {}
+    """
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def lora_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the LoRA factors (``...lora_A`` / ``...lora_B``) in ``model.named_parameters()``.
+
+    Example:
+        >>> lora_parameter_names(nn.Sequential(LoRALinear(nn.Linear(4, 4), rank=1, alpha=1)))
+        ['0.lora_A', '0.lora_B']
+    """
+    return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")]
+
+
+def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head_ids = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    out: dict[str, nn.Module] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALayer):
+            raise StrategyError(f"{type(model).__name__} already has LoRA layers (e.g. {name!r}); apply LoRA once")
+        if isinstance(m, nn.MultiheadAttention):  # reads out_proj.weight directly: a wrapper would break it
+            head_ids.update(id(c) for c in m.modules())
+        if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in head_ids:
+            out[name] = m
+    return out
+
+
+def _wsize(m: nn.Module) -> int:
+    return m.weight.numel()
+
+
+def _preset(cands: dict[str, nn.Module]) -> list[str]:
+    linear = [n for n, m in cands.items() if isinstance(m, nn.Linear)]
+    convs = [n for n, m in cands.items() if isinstance(m, nn.Conv2d)]
+    if linear and sum(_wsize(cands[n]) for n in linear) >= sum(_wsize(cands[n]) for n in convs):
+        return linear  # ViT-style: attention qkv/proj + MLP fc1/fc2 (everything but the head)
+    stem = convs[:1]  # the first conv sees the image: few weights, little to gain
+    dense = [n for n in convs[1:] if cands[n].groups == 1 and _conv_is_supported(cands[n])]
+    pointwise = [n for n in dense if tuple(cands[n].kernel_size) == (1, 1)]
+    if 3 * sum(_wsize(cands[n]) for n in pointwise) >= sum(_wsize(cands[n]) for n in dense):
+        return pointwise  # depthwise-separable / bottleneck nets: the 1×1 convs mix channels
+    return [n for n in dense if n not in stem]  # basic-block ResNets, VGG: dense k×k convs carry the weights
+
+
+def _sample(names: list[str]) -> str:
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    return f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''} (leaf names: {', '.join(leaves)})"
+
+
+def lora_targets(model: nn.Module, cfg: LoRAConfig | None = None) -> list[str]:
+    """Names of the modules LoRA would wrap under ``cfg`` (preview; raises like :func:`inject_lora`).
+
+    Args:
+        model: a timm model (the head, from ``get_classifier()``, is never a target).
+        cfg: the options; ``None`` means defaults.
+
+    Example:
+        >>> import timm
+        >>> net = timm.create_model("resnet50", num_classes=2)
+        >>> lora_targets(net)[:3]
+        ['layer1.0.conv1', 'layer1.0.conv3', 'layer1.0.downsample.0']
+    """
+    cfg = cfg or LoRAConfig()
+    cands = _candidates(model)
+    if cfg.targets is None:
+        names = _preset(cands)
+    else:
+        names = []
+        for pattern in cfg.targets:
+            hits = [n for n in cands if re.search(pattern, n)]
+            if not hits:
+                raise StrategyError(
+                    f"LoRA target {pattern!r} matches no Linear/Conv2d layer of {type(model).__name__} "
+                    f"(the head is never a target). Available layers ({len(cands)}): {_sample(list(cands))}"
+                )
+            names.extend(h for h in hits if h not in names)
+    if cfg.exclude:
+        names = [n for n in names if not any(re.search(p, n) for p in cfg.exclude)]
+    if not names:
+        raise StrategyError(
+            f"LoRA found no layer to adapt in {type(model).__name__} (after 'exclude'); set 'targets'. "
+            f"Available layers ({len(cands)}): {_sample(list(cands))}"
+        )
+    return names
+
+
+def _fit_rank(name: str, rank: int, weights: int, per_rank: int, capped: list[str]) -> int:
+    best = (weights - 1) // per_rank  # largest rank whose factors stay below the layer's own weight count
+    if best < 1:
+        raise StrategyError(f"layer {name!r} is too small for LoRA ({weights} weights); add it to 'exclude'")
+    if best < rank:
+        capped.append(f"{name} ({rank}->{best})")
+    return min(rank, best)
+
+
+def _wrap(name: str, m: nn.Module, cfg: LoRAConfig, bits: int | None, capped: list[str]) -> LoRALayer:
+    common = dict(dropout=cfg.dropout, init=cfg.init, name=name)
+    if isinstance(m, nn.Linear):
+        is_qkv = name.rsplit(".", 1)[-1] == "qkv"
+        d = m.out_features // 3 if is_qkv else m.out_features
+        r = _fit_rank(name, cfg.rank, d * m.in_features, d + m.in_features, capped)
+        base = QuantizedLinear(m, bits) if bits else m
+        if is_qkv:
+            return LoRAQKVLinear(base, r, cfg.alpha, parts=cfg.qkv, **common)
+        return LoRALinear(base, r, cfg.alpha, **common)
+    if m.groups > 1 and cfg.conv_groups == "refuse":
+        raise StrategyError(
+            f"LoRA target {name!r} is a grouped convolution (groups={m.groups}) and option 'conv_groups' is "
+            "'refuse'; use conv_groups='per_group' (a delta that keeps the groups) or add it to 'exclude'"
+        )
+    if not _conv_is_supported(m):
+        raise StrategyError(
+            f"LoRA target {name!r} is a {type(m).__name__} with its own forward (a merged delta would not be "
+            "exact); add it to 'exclude'"
+        )
+    fan_in = m.weight[0].numel()
+    r = _fit_rank(name, cfg.rank, m.weight.numel(), m.out_channels + fan_in, capped)
+    return LoRAConv2d(QuantizedConv2d(m, bits) if bits else m, r, cfg.alpha, **common)
+
+
+def inject_lora(model: nn.Module, cfg: LoRAConfig | None = None) -> dict[str, LoRALayer]:
+    """Wrap the target layers of ``model`` in place (a :class:`QLoRAConfig` also quantizes their weights).
+
+    Base layers are frozen; the new ``lora_A``/``lora_B`` train. ``apply_strategy(model, "lora")`` calls this
+    after freezing everything and then unfreezes the head.
+
+    Args:
+        model: the model to edit.
+        cfg: the options; ``None`` means ``LoRAConfig()``.
+
+    Returns:
+        The new wrappers by module name.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+        >>> sorted(inject_lora(net, LoRAConfig(rank=2, targets=["^0$"])))
+        ['0']
+    """
+    cfg = cfg or LoRAConfig()
+    bits = cfg.bits if isinstance(cfg, QLoRAConfig) else None
+    cands = _candidates(model)
+    capped: list[str] = []
+    wrapped: dict[str, LoRALayer] = {}
+    for name in lora_targets(model, cfg):
+        wrapped[name] = _wrap(name, cands[name], cfg, bits, capped)
+    for name, layer in wrapped.items():  # replace only once every layer was accepted
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, layer)
+    if capped:
+        warnings.warn(
+            "LoRA rank lowered where the factors would reach the layer's own size: " + ", ".join(capped), stacklevel=2
+        )
+    return wrapped
+
+
+@register_strategy("lora", LoRAConfig)
+def apply_lora(model: nn.Module, cfg: LoRAConfig) -> None:
+    """LoRA: low-rank deltas on Linear/Conv2d layers (fused qkv and grouped convs handled); base frozen."""
+    inject_lora(model, cfg)
+
+
+@register_strategy("qlora", QLoRAConfig)
+def apply_qlora(model: nn.Module, cfg: QLoRAConfig) -> None:
+    """QLoRA: LoRA on int8/NF4-quantized frozen weights of the targeted layers."""
+    inject_lora(model, cfg)
+
+
+# ------------------------------------------------------------------------------------ merge/export
+def merge(model: nn.Module, safe: bool = False) -> int:
+    """Merge every LoRA delta into its base weight (idempotent); returns the number of layers merged.
+
+    Args:
+        model: a model with LoRA layers (float base; a qlora model raises, use :func:`merge_and_unload`).
+        safe: check every merged weight is finite first; on failure raise naming the layer and leave the
+            whole model unchanged.
+
+    Example:
+        >>> net = nn.Sequential(LoRALinear(nn.Linear(4, 4), rank=1, alpha=1, init="gaussian"))
+        >>> merge(net, safe=True), unmerge(net)
+        (1, 1)
+    """
+    todo = [m for m in lora_layers(model).values() if not m.merged]
+    for layer in todo:  # check all before touching any
+        layer._check_mergeable(safe)
+    for layer in todo:
+        layer.merge()
+    return len(todo)
+
+
+def unmerge(model: nn.Module) -> int:
+    """Subtract every merged LoRA delta again; returns the number of layers unmerged.
+
+    Args:
+        model: a model whose LoRA layers were merged with :func:`merge`.
+
+    Example:
+        >>> net = nn.Sequential(LoRALinear(nn.Linear(4, 4), rank=1, alpha=1))
+        >>> unmerge(net)  # nothing merged
+        0
+    """
+    todo = [m for m in lora_layers(model).values() if m.merged]
+    for layer in todo:
+        layer.unmerge()
+    return len(todo)
+
+
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """Replace every LoRA wrapper by a plain layer with the delta baked in (qlora: dequantised, float).
+
+    The result has the original module names (``...qkv.weight``) and no ``lora_*`` parameters: the form
+    to export. The merged weights stay frozen.
+
+    Args:
+        model: a model with LoRA layers; edited in place.
+
+    Returns:
+        ``model``.
+
+    Example:
+        >>> net = nn.Sequential(LoRALinear(nn.Linear(4, 4), rank=1, alpha=1))
+        >>> type(merge_and_unload(net)[0]).__name__
+        'Linear'
+    """
+    for name, layer in lora_layers(model).items():
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, layer.merged_module())
+    delta = getattr(model, "visiontune_delta", None)
+    if delta is not None:  # the recorded task delta must only name parameters that still exist
+        present = {n for n, _ in model.named_parameters()}
+        model.visiontune_delta = frozenset(n for n in delta if n in present)  # type: ignore[assignment]
+    return model
+
+
+def frozen_weight_bytes(model: nn.Module, lora_layers_only: bool = False) -> int:
+    """Bytes held by frozen weights: frozen parameters plus quantized weight buffers at their real size.
+
+    Args:
+        model: any model.
+        lora_layers_only: count only the base layers inside LoRA wrappers (the part qlora quantizes).
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(64, 64)).requires_grad_(False)
+        >>> frozen_weight_bytes(net)  # 64·64·4 + 64·4
+        16640
+    """
+    roots = [m.base_layer for m in lora_layers(model).values()] if lora_layers_only else [model]
+    seen: set[int] = set()
+    total = 0
+    for root in roots:
+        for p in root.parameters():
+            if not p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel() * p.element_size()
+        for m in root.modules():
+            if isinstance(m, _QuantizedBase):
+                for b in m.buffers(recurse=False):
+                    if id(b) not in seen:
+                        seen.add(id(b))
+                        total += b.numel() * b.element_size()
+    return total
