@@ -1,0 +1,211 @@
+"""VPT strategy: exact counts, exactly which tokens are inserted and dropped, gradients, refusals, config errors."""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+from visiontune.strategies import StrategyError, apply_strategy, make_strategy_config, trainable_parameter_count
+from visiontune.strategies.prompt import prompt_parameter_names
+
+NUM_CLASSES = 5
+DIM, DEPTH, PATCHES = 192, 12, 16  # vit_tiny at 32 px with 8 px patches: 4 x 4 patches
+HEAD = DIM * NUM_CLASSES + NUM_CLASSES
+X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Two shared cores: intra-op threads contend with other processes (a 100x slowdown was measured).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@functools.lru_cache(maxsize=None)
+def _base(global_pool: str = "token", reg_tokens: int = 0) -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        num_classes=NUM_CLASSES,
+        global_pool=global_pool,
+        reg_tokens=reg_tokens,
+    ).eval()
+
+
+def vit(global_pool: str = "token", reg_tokens: int = 0) -> nn.Module:
+    return copy.deepcopy(_base(global_pool, reg_tokens))
+
+
+@pytest.mark.parametrize(
+    "opts,expected_body,names",
+    [
+        ({"length": 4}, 4 * DIM, ["blocks.0.prompt"]),
+        ({"length": 10}, 10 * DIM, ["blocks.0.prompt"]),
+        ({"length": 3, "deep": True}, DEPTH * 3 * DIM, [f"blocks.{i}.prompt" for i in range(DEPTH)]),
+    ],
+)
+def test_trainable_count_exact(opts, expected_body, names):
+    m = vit()
+    apply_strategy(m, "vpt", opts)
+    trainable, total = trainable_parameter_count(m)
+    assert trainable == expected_body + HEAD
+    assert total == sum(p.numel() for p in _base().parameters()) + expected_body
+    assert prompt_parameter_names(m) == names
+    assert {n for n, p in m.named_parameters() if p.requires_grad} == set(names) | {"head.weight", "head.bias"}
+    assert all(m.get_parameter(n).shape == (1, opts["length"], DIM) for n in names)
+    assert trainable_parameter_count(m)[0] == {4: 1733, 10: 2885, 3: 7877}[opts["length"]]  # hand-checked
+
+
+def _reference(m: nn.Module, x: torch.Tensor, deep: bool) -> torch.Tensor:
+    """Prompted forward written out by hand; ``blk.forward`` bypasses the strategy's hooks."""
+    n = m.num_prefix_tokens
+    h = m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(x))))
+    blocks = list(m.blocks)
+
+    def insert(h, prompt):
+        return torch.cat([h[:, :n], prompt.expand(h.shape[0], -1, -1), h[:, n:]], dim=1)
+
+    length = blocks[0].prompt.shape[1]
+    if deep:
+        for blk in blocks:
+            h = blk.forward(insert(h, blk.prompt))
+            h = torch.cat([h[:, :n], h[:, n + length :]], dim=1)  # this block's prompt outputs are dropped
+    else:
+        h = insert(h, blocks[0].prompt)
+        for blk in blocks:
+            h = blk.forward(h)
+        h = torch.cat([h[:, :n], h[:, n + length :]], dim=1)
+    return m.norm(h)
+
+
+@pytest.mark.parametrize("deep", [False, True])
+@pytest.mark.parametrize("global_pool,reg_tokens", [("token", 0), ("avg", 0), ("token", 2)])
+def test_prompts_inserted_after_prefix_and_dropped_before_head(deep, global_pool, reg_tokens):
+    m = vit(global_pool, reg_tokens)
+    apply_strategy(m, "vpt", {"length": 3, "deep": deep})
+    n_prefix = 1 + reg_tokens
+    assert m.num_prefix_tokens == n_prefix
+    seen = {}
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.__setitem__("in0", args[0]))
+    m.blocks[1].register_forward_pre_hook(lambda mod, args: seen.__setitem__("in1", args[0]))
+    with torch.no_grad():
+        feats = m.forward_features(X)
+        logits = m.forward_head(feats)
+        ref = _reference(m, X, deep)
+    # What the blocks see: [prefix, 3 prompts, 16 patches] (hooks registered later see the inserted tokens).
+    assert seen["in0"].shape == (2, n_prefix + 3 + PATCHES, DIM)
+    assert torch.equal(seen["in0"][:, n_prefix : n_prefix + 3], m.blocks[0].prompt.expand(2, -1, -1))
+    assert seen["in1"].shape == (2, n_prefix + 3 + PATCHES, DIM)
+    if deep:  # block 1 sees its own prompts, not block 0's outputs at those positions
+        assert torch.equal(seen["in1"][:, n_prefix : n_prefix + 3], m.blocks[1].prompt.expand(2, -1, -1))
+    # What comes out: the base layout [prefix, 16 patches], equal to the hand-written forward.
+    assert feats.shape == _base(global_pool, reg_tokens).forward_features(X).shape == (2, n_prefix + PATCHES, DIM)
+    assert torch.equal(feats, ref)
+    if global_pool == "avg":  # the mean runs over the 16 patch tokens only: no prefix, no prompts
+        pooled = ref[:, n_prefix:].mean(1)
+        torch.testing.assert_close(logits, m.head(m.fc_norm(pooled)), rtol=0, atol=1e-6)
+    else:
+        torch.testing.assert_close(logits, m.head(m.fc_norm(ref[:, 0])), rtol=0, atol=1e-6)
+    with torch.no_grad():
+        assert torch.equal(m(X), logits)
+
+
+def test_uniform_prompts_change_output_and_respect_bound():
+    m = vit()
+    apply_strategy(m, "vpt", {"length": 4})
+    p = m.blocks[0].prompt
+    bound = math.sqrt(6.0 / (3 * 8 * 8 + DIM))
+    assert p.abs().max() <= bound and p.abs().max() > bound / 2
+    with torch.no_grad():
+        assert not torch.allclose(m(X), _base()(X), atol=1e-4)
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_zero_prompts_shape_and_gradients_only_into_prompts_and_head(deep):
+    m = vit().train()
+    apply_strategy(m, "vpt", {"length": 2, "init": "zeros", "deep": deep})
+    assert all(m.get_parameter(n).abs().sum() == 0 for n in prompt_parameter_names(m))
+    out = m(X)
+    assert out.shape == (2, NUM_CLASSES)
+    out.logsumexp(1).sum().backward()
+    with_grad = {n for n, p in m.named_parameters() if p.grad is not None}
+    assert with_grad == set(prompt_parameter_names(m)) | {"head.weight", "head.bias"}
+    assert all(m.get_parameter(n).grad.abs().sum() > 0 for n in prompt_parameter_names(m))
+
+
+def test_dropout_only_in_training():
+    m = vit()
+    apply_strategy(m, "vpt", {"length": 4, "dropout": 0.5})
+    seen = []
+    m.blocks[0].register_forward_pre_hook(lambda mod, args: seen.append(args[0][:, 1:5].clone()))
+    with torch.no_grad():
+        m.eval()(X)
+        m.train()(X)
+    prompt = m.blocks[0].prompt.detach().expand(2, -1, -1)
+    assert torch.equal(seen[0], prompt)
+    dropped = seen[1] == 0
+    assert dropped.any() and torch.allclose(seen[1][~dropped], 2 * prompt[~dropped])
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_deepcopy_and_grad_checkpointing_keep_prompts(deep):
+    m = vit()
+    apply_strategy(m, "vpt", {"length": 3, "deep": deep})
+    with torch.no_grad():
+        y = m(X)
+        assert torch.equal(copy.deepcopy(m)(X), y)
+    m.set_grad_checkpointing(True)
+    y2 = m(X)
+    torch.testing.assert_close(y2, y, rtol=0, atol=1e-6)
+    y2.sum().backward()
+    assert m.blocks[0].prompt.grad is not None
+
+
+@pytest.mark.parametrize("name", ["resnet18", "tf_efficientnet_lite0"])
+def test_vpt_refused_on_cnn(name):
+    m = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES)
+    with pytest.raises(StrategyError) as exc:
+        apply_strategy(m, "vpt", {})
+    msg = str(exc.value)
+    assert f"does not fit {type(m).__name__}" in msg
+    assert "patch_embed" in msg and "ViT-style" in msg
+    assert "adapter" in msg and "bitfit" in msg and "'vpt'" in msg.split(":")[0]
+    assert not any("prompt" in n for n, _ in m.named_parameters())  # refused before adding anything
+
+
+def test_applying_twice_refused():
+    m = vit()
+    apply_strategy(m, "vpt", {"length": 2})
+    with pytest.raises(StrategyError, match="already has prompts"):
+        apply_strategy(m, "vpt", {"length": 2})
+
+
+@pytest.mark.parametrize(
+    "opts,fragments",
+    [
+        ({"length": 0}, ["'length'", ">= 1", "0"]),
+        ({"length": 2.5}, ["'length'", "integer"]),
+        ({"length": True}, ["'length'"]),
+        ({"deep": "yes"}, ["'deep'", "true or false"]),
+        ({"dropout": 1.0}, ["'dropout'", "[0, 1)"]),
+        ({"dropout": -0.1}, ["'dropout'", "[0, 1)"]),
+        ({"init": "normal"}, ["'init'", "'uniform'", "'zeros'", "'normal'"]),
+        ({"tokens": 4}, ["Unknown option", "'tokens'", "length"]),
+    ],
+)
+def test_bad_config_messages(opts, fragments):
+    with pytest.raises(StrategyError) as exc:
+        make_strategy_config("vpt", opts)
+    for frag in fragments:
+        assert frag in str(exc.value)

@@ -1,0 +1,180 @@
+"""Visual prompt tuning (VPT, Jia et al. 2022) for timm ViT-style models.
+
+``length`` learnable prompt tokens go right after the prefix tokens (class / register tokens):
+``[prefix, prompts, patches]``. Shallow VPT inserts them once, before the first block, and they flow
+through every block. Deep VPT gives every block its own prompts, which replace the previous block's
+prompt outputs (equivalently: each block inserts its prompts and its outputs at those positions are
+discarded). Either way the prompt positions are cut out of the last block's output, so
+``forward_features`` returns exactly the base model's token layout ``[prefix, patches]`` and timm's
+``forward_head`` pools correctly for every ``global_pool`` (``token`` reads the class token, ``avg``
+averages the patch tokens only, ``map`` attends over the patch tokens).
+
+Prompts of block ``i`` are the parameter ``blocks.{i}.prompt`` (shape ``1 × length × embed_dim``; shallow:
+only ``blocks.0.prompt``), so timm's ``group_matcher`` puts them in their block's depth group and base
+parameter names are unchanged. Insertion and removal run from forward hooks on the blocks: they work with
+``set_grad_checkpointing()`` and survive ``copy.deepcopy``.
+
+Limitation: with shallow prompts, the per-block outputs of timm's ``forward_intermediates`` (all but the
+last block) still hold the prompt tokens; deep prompts have no such issue.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import StrategyConfig, StrategyError, available_strategies, register_strategy
+
+__all__ = ["VPTConfig", "apply_vpt", "prompt_parameter_names"]
+
+_INITS = ("uniform", "zeros")
+
+
+@dataclass
+class VPTConfig(StrategyConfig):
+    """Options of the ``vpt`` strategy.
+
+    Args:
+        length: prompt tokens per insertion (integer >= 1).
+        deep: one set of prompts per block (VPT-deep) instead of one at the input (VPT-shallow).
+        dropout: dropout probability on the prompt tokens while training, in [0, 1).
+        init: ``uniform`` (VPT's Xavier-style U(-v, v), v = sqrt(6 / (in_chans·patch_area + dim)))
+            or ``zeros``.
+
+    Example:
+        >>> VPTConfig(length=5, deep=True).length
+        5
+    """
+
+    length: int = 10
+    deep: bool = False
+    dropout: float = 0.0
+    init: str = "uniform"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 1:
+            raise StrategyError(f"option 'length' of strategy 'vpt' must be an integer >= 1, got {self.length!r}")
+        if not isinstance(self.deep, bool):
+            raise StrategyError(f"option 'deep' of strategy 'vpt' must be true or false, got {self.deep!r}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0.0 <= self.dropout < 1.0
+        ):
+            raise StrategyError(f"option 'dropout' of strategy 'vpt' must be in [0, 1), got {self.dropout!r}")
+        if self.init not in _INITS:
+            raise StrategyError(
+                f"option 'init' of strategy 'vpt' must be one of {', '.join(map(repr, _INITS))}, got {self.init!r}"
+            )
+
+
+class _InsertPrompts:
+    """Forward pre-hook: ``x -> [x[:, :n_prefix], dropout(block.prompt), x[:, n_prefix:]]``."""
+
+    def __init__(self, num_prefix: int, dropout: float) -> None:
+        self.num_prefix = num_prefix
+        self.dropout = dropout
+
+    def __call__(self, block: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            x, rest = args[0], args[1:]
+        else:
+            x, rest = kwargs.pop("x"), ()
+        prompt = F.dropout(block.prompt, self.dropout, block.training).to(x.dtype)
+        n = self.num_prefix
+        x = torch.cat([x[:, :n], prompt.expand(x.shape[0], -1, -1), x[:, n:]], dim=1)
+        return (x, *rest), kwargs
+
+
+class _DropPrompts:
+    """Forward hook: removes the ``length`` prompt positions after the prefix tokens."""
+
+    def __init__(self, num_prefix: int, length: int) -> None:
+        self.num_prefix = num_prefix
+        self.length = length
+
+    def __call__(self, block: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        n = self.num_prefix
+        return torch.cat([output[:, :n], output[:, n + self.length :]], dim=1)
+
+
+def _misfit(model: nn.Module, why: str) -> StrategyError:
+    others = [s for s in available_strategies() if s != "vpt"]
+    return StrategyError(
+        f"strategy 'vpt' does not fit {type(model).__name__}: {why}. VPT needs a ViT-style transformer "
+        "(patch_embed, blocks, _pos_embed, num_prefix_tokens, e.g. vit_*/deit_*). "
+        f"Strategies that fit other backbones: {', '.join(others)} (CNNs: 'adapter' adds residual conv adapters)"
+    )
+
+
+def prompt_parameter_names(model: nn.Module) -> list[str]:
+    """Names of the VPT prompt parameters of ``model`` (empty if it has none).
+
+    Example:
+        >>> import timm
+        >>> from visiontune.strategies import apply_strategy
+        >>> net = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+        >>> _ = apply_strategy(net, "vpt", {"length": 4})
+        >>> prompt_parameter_names(net)
+        ['blocks.0.prompt']
+    """
+    return [n for n, _ in model.named_parameters() if n.split(".")[-1] == "prompt" and n.startswith("blocks.")]
+
+
+@register_strategy("vpt", VPTConfig)
+def apply_vpt(model: nn.Module, cfg: VPTConfig) -> None:
+    """VPT: learnable prompt tokens after the class token (shallow: at the input; deep: in every block).
+
+    Only the prompts (``blocks.{i}.prompt``) and the head train. The prompts are removed again after the
+    last block, so ``forward_features`` keeps the base token layout and pooling never sees them.
+
+    Args:
+        model: a timm ``VisionTransformer``-style model.
+        cfg: prompt options.
+
+    Example:
+        >>> import timm
+        >>> from visiontune.strategies import apply_strategy
+        >>> net = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+        >>> _ = apply_strategy(net, "vpt", {"length": 4, "deep": True})
+        >>> net.blocks[5].prompt.shape, net.forward_features(torch.zeros(1, 3, 32, 32)).shape
+        (torch.Size([1, 4, 192]), torch.Size([1, 17, 192]))
+    """
+    missing = [a for a in ("patch_embed", "blocks", "_pos_embed", "num_prefix_tokens") if not hasattr(model, a)]
+    if missing:
+        raise _misfit(model, f"it has no {', '.join(missing)}")
+    blocks = model.blocks
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)) or not len(blocks):
+        raise _misfit(model, "its 'blocks' is not a sequence of transformer blocks")
+    if getattr(model, "rope", None) is not None:
+        raise _misfit(model, "it uses rotary position embeddings, which assign positions to every token")
+    dim = getattr(model, "embed_dim", None) or getattr(model, "num_features", None)
+    if not isinstance(dim, int):
+        raise _misfit(model, "it has no integer embed_dim")
+    for i, blk in enumerate(blocks):
+        if hasattr(blk, "prompt") or any(isinstance(h, _InsertPrompts) for h in blk._forward_pre_hooks.values()):
+            raise StrategyError(f"vpt: blocks.{i} already has prompts (apply the strategy once)")
+
+    ref = next(model.parameters())
+    proj = getattr(model.patch_embed, "proj", None)
+    in_chans = getattr(proj, "in_channels", 3)
+    patch = getattr(model.patch_embed, "patch_size", (16, 16))
+    patch_area = math.prod(patch) if isinstance(patch, (tuple, list)) else int(patch) ** 2
+    bound = math.sqrt(6.0 / float(in_chans * patch_area + dim))
+    n_prefix = int(model.num_prefix_tokens)
+
+    hosts = list(blocks) if cfg.deep else [blocks[0]]
+    for blk in hosts:
+        prompt = nn.Parameter(torch.zeros(1, cfg.length, dim, device=ref.device, dtype=ref.dtype))
+        if cfg.init == "uniform":
+            nn.init.uniform_(prompt, -bound, bound)
+        blk.register_parameter("prompt", prompt)
+        blk.register_forward_pre_hook(_InsertPrompts(n_prefix, cfg.dropout), with_kwargs=True)
+        if cfg.deep:
+            blk.register_forward_hook(_DropPrompts(n_prefix, cfg.length))
+    if not cfg.deep:
+        blocks[-1].register_forward_hook(_DropPrompts(n_prefix, cfg.length))
