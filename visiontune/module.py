@@ -43,8 +43,10 @@ class TransferClassifier(L.LightningModule):
         scheduler: ``"cosine"`` (to 0 over the run) or ``"constant"``.
         label_smoothing: cross-entropy label smoothing.
         layer_decay: layer-wise LR decay factor in (0, 1] over timm's depth groups.
-        bn: ``"frozen"`` keeps BatchNorm layers whose parameters are frozen in eval mode (statistics
-            fixed); ``"train"`` lets them update their running statistics.
+        bn: BatchNorm policy. ``"frozen"`` keeps BatchNorm layers whose parameters are frozen in eval
+            mode (statistics fixed); ``"eval"`` keeps every BatchNorm layer in eval mode (pretrained
+            statistics, affine parameters still train: best with few labels or tiny batches);
+            ``"train"`` lets all of them update their running statistics.
         drop_path_rate: stochastic depth for models that support it.
         backbone_args: extra :func:`timm.create_model` arguments (``img_size``, ``drop_rate``, ...).
 
@@ -69,7 +71,7 @@ class TransferClassifier(L.LightningModule):
         scheduler: Literal["cosine", "constant"] = "cosine",
         label_smoothing: float = 0.0,
         layer_decay: Optional[float] = None,
-        bn: Literal["frozen", "train"] = "frozen",
+        bn: Literal["frozen", "eval", "train"] = "frozen",
         drop_path_rate: Optional[float] = None,
         backbone_args: Optional[dict[str, Any]] = None,
     ) -> None:
@@ -87,7 +89,7 @@ class TransferClassifier(L.LightningModule):
         _check(warmup_steps >= 0, "model.warmup_steps", f"must be >= 0, got {warmup_steps!r}")
         _check(scheduler in ("cosine", "constant"), "model.scheduler",
                f"must be 'cosine' or 'constant', got {scheduler!r}")
-        _check(bn in ("frozen", "train"), "model.bn", f"must be 'frozen' or 'train', got {bn!r}")
+        _check(bn in ("frozen", "eval", "train"), "model.bn", f"must be 'frozen', 'eval' or 'train', got {bn!r}")
         _check(layer_decay is None or 0 < layer_decay <= 1, "model.layer_decay",
                f"must be in (0, 1], got {layer_decay!r}")
         if class_names is not None:
@@ -235,14 +237,27 @@ class TransferClassifier(L.LightningModule):
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def apply_bn_policy(self) -> None:
+        """Put BatchNorm layers in the mode the ``bn`` policy asks for (call after thawing layers).
+
+        Lightning restores per-module modes around validation, so the policy set here persists; it is
+        re-applied at every training epoch start and on every ``train()`` call.
+        """
+        policy = self.hparams.bn
+        if self.net is None or not self.training:
+            return
+        for m in self.net.modules():
+            if isinstance(m, _BN):
+                frozen = not any(p.requires_grad for p in m.parameters(recurse=False))
+                m.train(policy == "train" or (policy == "frozen" and not frozen))
+
     def train(self, mode: bool = True) -> "TransferClassifier":
-        """Lightning toggles train/eval often; frozen BatchNorm stays in eval mode through all of it."""
         super().train(mode)
-        if mode and self.hparams.bn == "frozen" and self.net is not None:
-            for m in self.net.modules():
-                if isinstance(m, _BN) and not any(p.requires_grad for p in m.parameters(recurse=False)):
-                    m.eval()
+        self.apply_bn_policy()
         return self
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_bn_policy()
 
     # ------------------------------------------------------------------ reporting and checkpoints
     def parameter_summary(self) -> dict[str, Any]:

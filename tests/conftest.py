@@ -1,0 +1,50 @@
+"""Shared fixtures: small generated image folders and CSVs, offline and fast."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+def make_image(colour: tuple[int, int, int], seed: int, size: int = 24) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    arr = np.clip(np.array(colour)[None, None] + rng.normal(0, 20, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(arr)
+
+
+def make_folder(root: Path, per_class: int = 6, classes: dict | None = None, ext: str = ".png") -> Path:
+    """root/<class>/<i>.png with per-class colours (easy to learn)."""
+    classes = classes or COLOURS
+    for ci, (name, colour) in enumerate(classes.items()):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            make_image(colour, seed=ci * 1000 + i).save(root / name / f"{i}{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    return make_folder(tmp_path / "images")
+
+
+@pytest.fixture
+def image_csv(tmp_path: Path) -> Path:
+    root = make_folder(tmp_path / "pool")
+    lines = ["path,label"]
+    for p in sorted(root.rglob("*.png")):
+        lines.append(f"{p.relative_to(tmp_path).as_posix()},{p.parent.name}")
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    return csv
