@@ -54,6 +54,12 @@ class Samples:
     class_names: list[str]
     origin: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    keys: list[str] = field(default_factory=list)  # stable id per item: its path, or origin[index]
+
+    def __post_init__(self) -> None:
+        if not self.keys:
+            self.keys = [str(it) if isinstance(it, (str, Path)) else f"{self.origin}[{i}]"
+                         for i, it in enumerate(self.items)]
 
     def __len__(self) -> int:
         return len(self.items)
@@ -61,11 +67,11 @@ class Samples:
     def subset(self, indices: Sequence[int] | np.ndarray, origin: str | None = None) -> "Samples":
         idx = np.asarray(indices, dtype=np.int64)
         return Samples([self.items[i] for i in idx], self.labels[idx].copy(), list(self.class_names),
-                       origin or self.origin, dict(self.extra))
+                       origin or self.origin, dict(self.extra), [self.keys[i] for i in idx])
 
     def describe(self, i: int) -> str:
-        item = self.items[i]
-        return str(item) if isinstance(item, (str, Path)) else f"{self.origin}[{i}]"
+        """The item's stable id (file path, or ``origin[index]`` in the original source)."""
+        return self.keys[i]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +237,7 @@ def align_classes(samples: Samples, class_names: list[str], role: str) -> Sample
         raise DataError(f"{role} data {samples.origin} has classes not in the training classes: {unseen}")
     index = np.asarray([class_names.index(c) for c in samples.class_names], dtype=np.int64)
     labels = index[samples.labels] if len(samples.labels) else samples.labels
-    return Samples(samples.items, labels, list(class_names), samples.origin, samples.extra)
+    return Samples(samples.items, labels, list(class_names), samples.origin, samples.extra, samples.keys)
 
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

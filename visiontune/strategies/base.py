@@ -142,7 +142,8 @@ def head_parameter_names(model: nn.Module) -> list[str]:
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     if head is None:
         raise StrategyError(f"{type(model).__name__} has no get_classifier(): not a timm classifier")
-    head_ids = {id(p) for p in head.parameters()}
+    heads = head if isinstance(head, (tuple, list)) else (head,)  # distilled models: (head, head_dist)
+    head_ids = {id(p) for h in heads for p in h.parameters()}
     return [n for n, p in model.named_parameters() if id(p) in head_ids]
 
 
