@@ -70,7 +70,6 @@ def _cli_class():
                         "class_path": "lightning.pytorch.loggers.CSVLogger",
                         "init_args": {"save_dir": "runs", "name": "visiontune"},
                     },
-                    "callbacks": [RichProgressBar()],
                     "enable_model_summary": False,
                 },
                 args=list(args) if args is not None else None,
@@ -83,6 +82,14 @@ def _cli_class():
                                  "checkpoint.save_last": True, "checkpoint.filename": "best"})
             parser.add_lightning_class_args(RunReport, "report")
             parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
+
+        def _instantiate_trainer(self, config, callbacks):  # type: ignore[override]
+            # a rich progress bar unless the user turned bars off or brought their own
+            if config.get("enable_progress_bar", True) is not False and not any(
+                type(c).__name__.endswith("ProgressBar") for c in callbacks + list(config.get("callbacks") or [])
+            ):
+                callbacks = [*callbacks, RichProgressBar()]
+            return super()._instantiate_trainer(config, callbacks)
 
         def before_instantiate_classes(self) -> None:
             sub = self.config.get("subcommand")

@@ -1,0 +1,79 @@
+"""CLI round trips through ``visiontune.cli.main`` (in-process: same code path as the console script)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import make_folder
+from visiontune.cli import main
+
+TINY = [
+    "--trainer.max_epochs=1", "--trainer.accelerator=cpu", "--trainer.limit_train_batches=2",
+    "--trainer.enable_progress_bar=false", "--model.backbone=resnet18", "--model.weights=null",
+    "--data.image_size=32", "--data.batch_size=4", "--data.num_workers=0",
+]
+
+
+def _run_dir(out: str) -> Path:
+    line = [ln for ln in out.splitlines() if ln.startswith("visiontune run directory:")][-1]
+    return Path(line.split(":", 1)[1].strip())
+
+
+def test_print_config_then_fit_on_printed_config(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = make_folder(tmp_path / "imgs", per_class=5)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", *TINY, f"--data.train={data}", "--model.strategy=last_k",
+              "--model.strategy_args={k: 2}", "--print_config"])
+    assert exit_.value.code in (0, None)
+    printed = capsys.readouterr().out
+    cfg = yaml.safe_load(printed)
+    assert cfg["model"]["strategy"] == "last_k" and cfg["model"]["strategy_args"] == {"k": 2}
+    assert cfg["data"]["train"] == str(data)
+    (tmp_path / "cfg.yaml").write_text(printed)
+    main(["fit", "--config", str(tmp_path / "cfg.yaml")])
+    out = capsys.readouterr().out
+    run = _run_dir(out)
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val_acc", "val_macro_f1", "trainable_params", "total_params"} <= set(metrics)
+    assert json.loads((run / "class_names.json").read_text()) == ["blue", "green", "red"]
+    split = json.loads((run / "split.json").read_text())
+    assert set(split) == {"train", "val"} and len(split["train"]) + len(split["val"]) == 15
+    assert (run / "confusion_matrix_val.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "config.yaml").is_file() and (run / "checkpoints" / "last.ckpt").is_file()
+
+    # predict with the checkpoint: class count and names come from the checkpoint, not the data
+    pred_dir = make_folder(tmp_path / "new", per_class=2, classes={"x": (200, 30, 30), "y": (30, 30, 200)})
+    out_csv = tmp_path / "preds.csv"
+    main(["predict", *TINY[:2], "--trainer.enable_progress_bar=false", "--model.backbone=resnet18",
+          "--data.image_size=32", "--data.num_workers=0", f"--data.predict={pred_dir}",
+          f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", f"--predictions.output={out_csv}"])
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 4 and set(rows[0]) == {"path", "label", "score"}
+    assert {r["label"] for r in rows} <= {"blue", "green", "red"}
+    assert all(0 <= float(r["score"]) <= 1 for r in rows)
+
+
+def test_bad_option_names_the_option(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((SystemExit, ValueError)) as err:
+        main(["fit", *TINY, "--data.train=digits", "--model.strategy=lorra"])
+    text = str(err.value) + capsys.readouterr().err
+    assert "lorra" in text and "Available strategies" in text
+
+
+def test_strategies_tool_and_fast_help():
+    out = subprocess.run([sys.executable, "-m", "visiontune.cli", "strategies"], capture_output=True, text=True,
+                         check=True).stdout
+    for name in ("full", "linear", "last_k", "bitfit"):
+        assert name in out
+    code = "import sys, visiontune; visiontune.main(['--help']); print(sorted(m for m in sys.modules if m.startswith('lightning'))[:1])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "visiontune fit" in out and out.strip().endswith("[]")  # --help imports no lightning
