@@ -52,6 +52,8 @@ def _optional_exports() -> None:
         "FixMatchConfig": "semisup", "expand_classes": "classes", "ClassExpansionConfig": "classes",
         "save_delta": "delta", "load_delta": "delta",
         "GradualUnfreeze": "schedule", "compare": "compare",
+        "AtomicCheckpointIO": "checkpoint", "LatestCheckpoint": "checkpoint",
+        "CheckpointMismatchError": "checkpoint", "check_data": "checks",
     }
     for name, mod in extra.items():
         _EXPORTS.setdefault(name, mod)

@@ -49,7 +49,7 @@ def _load_tools() -> None:
 
 
 def _cli_class():
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
     from .data import ImageDataModule
@@ -77,7 +77,9 @@ def _cli_class():
             )
 
         def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
-            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            from .checkpoint import LatestCheckpoint  # ModelCheckpoint, but last.ckpt = the latest epoch
+
+            parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
             parser.set_defaults({"checkpoint.monitor": "val_acc", "checkpoint.mode": "max",
                                  "checkpoint.save_last": True, "checkpoint.filename": "best"})
             parser.add_lightning_class_args(RunReport, "report")
@@ -90,6 +92,26 @@ def _cli_class():
             ):
                 callbacks = [*callbacks, RichProgressBar()]
             return super()._instantiate_trainer(config, callbacks)
+
+        def instantiate_classes(self) -> None:
+            # bad option values (unknown strategy, rank <= 0, image_size 0, ...) are config errors: say which
+            # and stop with exit code 2, like a type error caught by the parser, before any training
+            try:
+                super().instantiate_classes()
+            except (ValueError, TypeError) as exc:
+                print(f"visiontune {self.subcommand}: error: invalid configuration: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+
+        def instantiate_trainer(self, **kwargs):  # type: ignore[override]
+            from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+            from .checkpoint import AtomicCheckpointIO
+
+            trainer = super().instantiate_trainer(**kwargs)
+            # checkpoints: atomic writes, weights_only loads (unless the user brought their own CheckpointIO)
+            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
+                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+            return trainer
 
         def before_instantiate_classes(self) -> None:
             sub = self.config.get("subcommand")

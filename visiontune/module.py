@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from . import __version__
 from .backbones import BackboneError, create_backbone, data_config
+from .checkpoint import CheckpointMismatchError, collect_rng_state, restore_rng_state, state_dict_mismatch
 from .optim import param_groups
 from .strategies import StrategyConfig, apply_strategy, make_strategy_config, trainable_parameter_count
 from .strategies.base import strategy_name
@@ -83,6 +84,12 @@ class TransferClassifier(L.LightningModule):
             strategy = strategy_name(strategy)
         self.strategy_config = make_strategy_config(strategy, strategy_args)  # validates early
         strategy_args = dict(strategy_args or {})
+        for option, value in (("lr", lr), ("weight_decay", weight_decay), ("label_smoothing", label_smoothing),
+                              ("warmup_steps", warmup_steps), ("layer_decay", layer_decay)):
+            _check(value is None and option == "layer_decay" or _is_number(value), f"model.{option}",
+                   f"must be a number, got {value!r}")
+        _check(num_classes is None or _is_int(num_classes), "model.num_classes",
+               f"must be an integer, got {num_classes!r}")
         _check(lr > 0, "model.lr", f"must be > 0, got {lr!r}")
         _check(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay!r}")
         _check(0 <= label_smoothing < 1, "model.label_smoothing", f"must be in [0, 1), got {label_smoothing!r}")
@@ -273,6 +280,7 @@ class TransferClassifier(L.LightningModule):
                   f"({100 * s['trainable_fraction']:.2f}%)")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["visiontune_rng"] = collect_rng_state()  # exact resume of dropout & co.
         checkpoint["visiontune"] = {
             "version": __version__,
             "backbone": self.hparams.backbone,
@@ -284,12 +292,23 @@ class TransferClassifier(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         names = (checkpoint.get("visiontune") or {}).get("class_names") or \
             checkpoint.get("hyper_parameters", {}).get("class_names")
-        if names and (self.net is None or self.num_classes != len(names)):
+        if names and self.net is None:
             self.class_names = list(names)
             self._build(len(names), None)  # weights come from the checkpoint
         elif names:
             self.class_names = list(names)
             self.hparams["class_names"] = list(names)
+        if self.strict_loading and "state_dict" in checkpoint:
+            problems = state_dict_mismatch(self.state_dict(), checkpoint["state_dict"])
+            if problems:
+                theirs = (checkpoint.get("visiontune") or {}).get("backbone") or \
+                    checkpoint.get("hyper_parameters", {}).get("backbone")
+                raise CheckpointMismatchError(
+                    f"checkpoint (backbone {theirs}, {len(names or [])} classes) does not fit this model "
+                    f"(backbone {self.hparams.backbone}, {self.num_classes} classes): " + "; ".join(problems))
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and trainer.world_size == 1:
+            restore_rng_state(checkpoint.get("visiontune_rng"))  # per-process state: single process only
 
     @classmethod
     def load(cls, path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> "TransferClassifier":
@@ -298,7 +317,17 @@ class TransferClassifier(L.LightningModule):
         Example:
             >>> model = TransferClassifier.load("runs/quickstart/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
         """
-        return cls.load_from_checkpoint(path, map_location=map_location, weights=None, **overrides)
+        # weights_only: a checkpoint is data, never code (a planted pickle is refused before it runs)
+        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, weights=None,
+                                        **overrides)
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _check(ok: bool, option: str, message: str) -> None:

@@ -81,9 +81,9 @@ class RunReport(Callback):
         self._start = 0.0
 
     def _write(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
+        out = run_dir(trainer)  # trainer.log_dir is a collective under DDP: every rank must ask
         if not trainer.is_global_zero:
             return
-        out = run_dir(trainer)
         out.mkdir(parents=True, exist_ok=True)
         path = out / "metrics.json"
         metrics: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
@@ -166,13 +166,13 @@ class PredictionCSVWriter(BasePredictionWriter):
             gathered: list[Any] = [None] * trainer.world_size
             torch.distributed.all_gather_object(gathered, rows)
             rows = [r for part in gathered for r in part]
+        out = Path(self.output) if self.output else run_dir(trainer) / "predictions.csv"  # collective (DDP)
         if not trainer.is_global_zero:
             return
         buf = io.StringIO()
         writer = csv.writer(buf)
         writer.writerow(["path", "label", "score"])
         writer.writerows(sorted(set(rows)))
-        out = Path(self.output) if self.output else run_dir(trainer) / "predictions.csv"
         out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(out, buf.getvalue())
         self.written = out

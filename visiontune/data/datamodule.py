@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional, Union
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .sources import (
     DataError,
@@ -22,6 +22,7 @@ from .sources import (
     take_per_class,
 )
 from .transforms import eval_transform, seed_transform, train_transform
+from .validate import class_list_problems, drop_bad_images, unseen_class_problems
 
 __all__ = ["ImageDataModule", "ImageDataset"]
 
@@ -52,13 +53,30 @@ class ImageDataset(Dataset):
         self.transforms = list(transforms) if self.multi else [transforms]
         self.return_index = return_index
         self.max_pixels = max_pixels
+        self.seed: int | None = None
+        # the epoch lives in shared memory: worker processes (persistent or not) see set_epoch at once
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def reseed(self, seed: int) -> None:
+        """Make augmentation a function of ``(seed, epoch, index, view)`` only.
+
+        Every item's pipelines are reseeded from those four numbers before it is transformed, so the
+        augmentations of a run do not depend on the number of workers, on which worker loads an item,
+        on the process (DDP), or on where a resumed run restarted: only on the seed and the epoch.
+        """
+        self.seed = int(seed)
         for k, t in enumerate(self.transforms):
             seed_transform(t, seed * 7919 + k)
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(int(epoch))
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def load(self, i: int) -> np.ndarray:
         item = self.samples.items[i]
@@ -70,6 +88,10 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int):
         image = self.load(i)
+        if self.seed is not None:
+            epoch = int(self._epoch)
+            for k, t in enumerate(self.transforms):
+                seed_transform(t, _item_seed(self.seed, epoch, i, k))
         views = [t(image=image)["image"] for t in self.transforms]
         target = i if self.return_index else int(self.samples.labels[i])
         if self.multi:
@@ -77,8 +99,21 @@ class ImageDataset(Dataset):
         return views[0], target
 
 
+def _folder_classes(source: Any) -> list[str] | None:
+    """Class folder names of a folder source that failed to read (to still check val/test against them)."""
+    from .sources import _is_hidden
+
+    if isinstance(source, (str, Path)) and Path(source).is_dir():
+        return sorted(p.name for p in Path(source).iterdir() if p.is_dir() and not _is_hidden(p)) or None
+    return None
+
+
+def _item_seed(seed: int, epoch: int, index: int, view: int) -> int:
+    return int(np.random.SeedSequence([seed & 0xFFFFFFFFFFFFFFFF, epoch, index, view]).generate_state(1)[0])
+
+
 def _worker_init(worker_id: int) -> None:
-    """Seed numpy and the albumentations pipelines differently in every worker and every epoch."""
+    """Seed numpy/random per worker; unseeded datasets also get per-worker pipeline seeds."""
     info = torch.utils.data.get_worker_info()
     seed = info.seed % (2**32)
     np.random.seed(seed)
@@ -86,8 +121,62 @@ def _worker_init(worker_id: int) -> None:
 
     random.seed(seed)
     ds = info.dataset
-    if hasattr(ds, "reseed"):
-        ds.reseed(seed)
+    if getattr(ds, "seed", None) is None and hasattr(ds, "transforms"):
+        # no per-item seeds: at least keep forked workers from repeating each other's augmentations
+        for k, t in enumerate(ds.transforms):
+            seed_transform(t, seed * 7919 + k)
+
+
+class _LazyIterator:
+    """Creates the real DataLoader iterator at the first ``next()``, not at ``iter()``."""
+
+    def __init__(self, start: Callable[[], Any]) -> None:
+        self._start, self._it = start, None
+
+    def __iter__(self) -> "_LazyIterator":
+        return self
+
+    def __next__(self) -> Any:
+        if self._it is None:
+            self._it = self._start()
+        return next(self._it)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader whose workers start drawing indices at the first batch request, not at ``iter()``.
+
+    Why: on resume, Lightning creates the training iterator before it restores the loop state (to
+    count batches) and does not call ``iter()`` again for the first resumed epoch. With worker
+    processes, ``iter()`` immediately prefetches index batches from the sampler, i.e. epoch 0's order,
+    although the epoch about to run is a later one. Deferring to the first ``next()`` lets
+    ``sampler.set_epoch`` (called by Lightning at every epoch start) take effect first.
+    """
+
+    def __iter__(self):  # type: ignore[override]
+        return _LazyIterator(super().__iter__)
+
+
+class EpochShuffleSampler(DistributedSampler):
+    """Shuffles with ``seed + epoch`` (not a running generator), and tells the dataset the epoch.
+
+    The order of epoch ``e`` is a function of the seed and ``e`` only, so a run resumed from a checkpoint at
+    the end of epoch ``e - 1`` sees exactly the batches an uninterrupted run sees. It is a
+    ``DistributedSampler``: with ``num_replicas > 1`` each process gets its share, and Lightning keeps it
+    instead of injecting its own. Lightning calls :meth:`set_epoch` before every training epoch.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int = 1, rank: int = 0, seed: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(epoch)
+
+    def __iter__(self):
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.epoch)
+        return super().__iter__()
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -115,6 +204,12 @@ class ImageDataModule(L.LightningDataModule):
         mean, std: normalisation; ``None`` = the backbone's (from the model, at setup).
         unlabeled_ratio: unlabeled batch = ratio × batch_size (FixMatch μ); ``None`` = the model's μ, or 7.
         max_pixels: images larger than this many pixels are refused (decompression bombs).
+        on_bad_image: ``"error"``: an unreadable image stops the run with a ``BadImageError`` naming the
+            file (run ``visiontune check-data`` to list them all up front); ``"skip"``: every file of every
+            split is decoded once at setup, unreadable ones are dropped and listed (file, reason) in
+            :attr:`bad_image_report` and in ``bad_images.json`` in the run directory.
+        classes: the class list, in label order; a training/val/test label outside it is an error naming
+            the files. ``None`` = the labels found in the training data, sorted.
 
     Example:
         >>> dm = ImageDataModule(train="digits", image_size=32, batch_size=16, labels_per_class=5)
@@ -143,6 +238,8 @@ class ImageDataModule(L.LightningDataModule):
         std: Optional[tuple[float, float, float]] = None,
         unlabeled_ratio: Optional[int] = None,
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+        on_bad_image: Literal["error", "skip"] = "error",
+        classes: Optional[list[str]] = None,
     ) -> None:
         super().__init__()
         problems = []
@@ -159,6 +256,10 @@ class ImageDataModule(L.LightningDataModule):
             problems.append(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
         if unlabeled_ratio is not None and unlabeled_ratio < 1:
             problems.append(f"unlabeled_ratio (mu) must be >= 1, got {unlabeled_ratio!r}")
+        if on_bad_image not in ("error", "skip"):
+            problems.append(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
+        if classes is not None and (isinstance(classes, str) or len(set(map(str, classes))) != len(classes)):
+            problems.append(f"classes must be a list of distinct class names, got {classes!r}")
         if problems:
             raise DataError(problems, "ImageDataModule")
         self.train, self.val, self.test, self.unlabeled, self.predict = train, val, test, unlabeled, predict
@@ -173,6 +274,9 @@ class ImageDataModule(L.LightningDataModule):
         self.mean, self.std = mean, std
         self.unlabeled_ratio = unlabeled_ratio
         self.max_pixels = max_pixels
+        self.on_bad_image = on_bad_image
+        self.classes = [str(c) for c in classes] if classes is not None else None
+        self._bad_images: dict[str, tuple[list[dict[str, Any]], int]] = {}  # role -> (records, files checked)
         self._train_samples: Samples | None = None
         self.train_set = self.val_set = self.test_set = self.unlabeled_set = self.predict_set = None
         self.split: dict[str, list[str]] = {}
@@ -183,8 +287,53 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def train_samples(self) -> Samples | None:
         if self._train_samples is None and self.train is not None:
-            self._train_samples = read_source(self.train)
+            s = read_source(self.train)
+            problems = []
+            if self.classes is not None:
+                problems = class_list_problems(s, self.classes, "train")
+                if not problems:
+                    s = align_classes(s, self.classes, "train")
+            if not problems:
+                s = self._checked(s, "train")
+                counts = np.bincount(s.labels, minlength=len(s.class_names))
+                problems = [f"train: class {c!r} has no " + ("readable " if self.on_bad_image == "skip" else "")
+                            + "images" for c, n in zip(s.class_names, counts) if n == 0]
+            if problems:
+                raise DataError(problems)
+            self._train_samples = s
         return self._train_samples
+
+    def _checked(self, samples: Samples, role: str) -> Samples:
+        """Under ``on_bad_image="skip"``: decode every file now, drop and record the unreadable ones."""
+        if self.on_bad_image != "skip":
+            return samples
+        kept, records, checked = drop_bad_images(samples, role, max_pixels=self.max_pixels)
+        self._bad_images[role] = (records, checked)
+        if records:
+            from lightning.pytorch.utilities import rank_zero_warn
+
+            lines = "\n".join(f"  {r['path']}: {r['reason']}" for r in records[:20])
+            more = f"\n  ... and {len(records) - 20} more" if len(records) > 20 else ""
+            rank_zero_warn(f"on_bad_image='skip': dropped {len(records)} of {checked} {role} images:\n{lines}{more}")
+        return kept
+
+    @property
+    def bad_image_report(self) -> dict[str, Any]:
+        """What ``on_bad_image="skip"`` dropped: ``{"on_bad_image", "checked", "dropped", "bad": [{split, path,
+        reason}, ...]}`` (empty lists under ``"error"``)."""
+        bad = [r for records, _ in self._bad_images.values() for r in records]
+        checked = sum(n for _, n in self._bad_images.values())
+        return {"on_bad_image": self.on_bad_image, "checked": checked, "dropped": len(bad), "bad": bad}
+
+    def _write_bad_image_report(self) -> None:
+        trainer = getattr(self, "trainer", None)
+        if self.on_bad_image != "skip" or trainer is None:
+            return
+        folder = trainer.log_dir or trainer.default_root_dir  # a collective under DDP: every rank asks
+        if folder and trainer.is_global_zero:
+            from ..io import atomic_write_json
+
+            atomic_write_json(Path(folder) / "bad_images.json", self.bad_image_report)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -212,40 +361,70 @@ class ImageDataModule(L.LightningDataModule):
             self._setup_labeled(size, mean, std, interp, evaluate)
         elif stage in ("validate", "test"):
             names = getattr(getattr(self, "trainer", None), "lightning_module", None)
-            names = getattr(names, "class_names", None)
-            for role in ("val", "test"):
-                src = getattr(self, role)
-                if src is not None:
-                    s = read_source(src)
-                    if names:
-                        s = align_classes(s, list(names), role)
+            names = getattr(names, "class_names", None) or self.classes
+            problems: list[str] = []
+            found = {role: self._read_eval(role, names, problems) for role in ("val", "test")}
+            if problems:
+                raise DataError(problems)
+            for role, s in found.items():
+                if s is not None:
                     setattr(self, f"{role}_set", ImageDataset(s, evaluate, max_pixels=self.max_pixels))
                     self.split[role] = [s.describe(i) for i in range(len(s))]
         if stage in (None, "predict") and self.predict is not None:
-            s = read_source(self.predict, labeled=False)
+            s = self._checked(read_source(self.predict, labeled=False), "predict")
             self.predict_set = ImageDataset(s, evaluate, return_index=True, max_pixels=self.max_pixels)
+        self._write_bad_image_report()
+
+    def _read_eval(self, role: str, names: Sequence[str] | None, problems: list[str]) -> Samples | None:
+        """Read val/test data, checked against the training classes; problems are appended, not raised."""
+        src = getattr(self, role)
+        if src is None:
+            return None
+        try:
+            s = read_source(src)
+        except DataError as err:
+            problems += [f"{role}: {p}" for p in err.problems]
+            return None
+        if names:
+            found = unseen_class_problems(s, list(names), role)
+            if self.classes is not None:
+                found = class_list_problems(s, self.classes, role)
+            if found:
+                problems += found
+                return None
+            s = align_classes(s, list(names), role)
+        return self._checked(s, role)
 
     def _setup_labeled(self, size: int, mean: tuple, std: tuple, interp: str, evaluate: Callable) -> None:
-        full = self.train_samples
-        assert full is not None
-        names = full.class_names
+        # every structural problem of train, val and test is collected and raised together
+        problems: list[str] = []
+        try:
+            full = self.train_samples
+        except DataError as err:
+            problems += [f"train: {p}" if not p.startswith("train: ") else p for p in err.problems]
+            full = None
+        names = full.class_names if full is not None else self.classes or _folder_classes(self.train)
+        test = self._read_eval("test", names, problems)
+        val = self._read_eval("val", names, problems)
+        if full is None:
+            raise DataError(problems)
         idx = np.arange(len(full))
-        test = val = None
-        if self.test is not None:
-            test = align_classes(read_source(self.test), names, "test")
-        elif self.test_split > 0:
+        if self.test is None and self.test_split > 0:
             keep, take = stratified_split(full.labels, self.test_split, self.seed)
             test, idx = full.subset(take), keep
-        if self.val is not None:
-            val = align_classes(read_source(self.val), names, "val")
-        elif self.val_split > 0:
+        if self.val is None and self.val_split > 0:
             frac = self.val_split / (1 - self.test_split) if self.test is None else self.val_split
             keep, take = stratified_split(full.labels[idx], frac, self.seed + 1)
             val, idx = full.subset(idx[take]), idx[keep]
         rest = np.array([], dtype=np.int64)
         if self.labels_per_class is not None:
-            chosen, rest_local = take_per_class(full.labels[idx], self.labels_per_class, self.seed + 2, names)
-            idx, rest = idx[chosen], idx[rest_local]
+            try:
+                chosen, rest_local = take_per_class(full.labels[idx], self.labels_per_class, self.seed + 2, names)
+                idx, rest = idx[chosen], idx[rest_local]
+            except DataError as err:
+                problems += [f"train: {p}" for p in err.problems]
+        if problems:
+            raise DataError(problems)
         train = full.subset(idx)
         augment = train_transform(size, mean, std, scale=self.crop_scale, hflip=self.hflip, interpolation=interp)
         self.train_set = ImageDataset(train, augment, max_pixels=self.max_pixels)
@@ -263,7 +442,7 @@ class ImageDataModule(L.LightningDataModule):
                 raise DataError("unlabeled='rest' needs labels_per_class (the rest of each class is the pool)")
             pool = full.subset(rest)  # true labels kept: pseudo-label accuracy can be measured
         elif self.unlabeled is not None:
-            pool = read_source(self.unlabeled, labeled=False)
+            pool = self._checked(read_source(self.unlabeled, labeled=False), "unlabeled")
         if pool is not None:
             self.split["unlabeled"] = [pool.describe(i) for i in range(len(pool))]
             views = self.unlabeled_transforms or [augment]
@@ -280,10 +459,15 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0) -> DataLoader:
         workers = self._workers()
         generator = torch.Generator().manual_seed(self.seed + seed_offset)
-        return DataLoader(
+        sampler = None
+        if shuffle:  # order = f(seed, epoch): exact resume at epoch ends, a share per process under DDP
+            trainer = getattr(self, "trainer", None)
+            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+            sampler = EpochShuffleSampler(ds, num_replicas=replicas, rank=rank, seed=self.seed + seed_offset)
+        return (EpochLoader if shuffle else DataLoader)(
             ds,
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             worker_init_fn=_worker_init if workers else None,
             generator=generator,
