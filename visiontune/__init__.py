@@ -51,7 +51,8 @@ def _optional_exports() -> None:
         "SparseConfig": "strategies.sparse",
         "FixMatchConfig": "semisup", "expand_classes": "classes", "ClassExpansionConfig": "classes",
         "save_delta": "delta", "load_delta": "delta",
-        "GradualUnfreeze": "schedule", "compare": "compare",
+        "GradualUnfreeze": "schedule", "compare": "compare", "compare_from_config": "compare",
+        "FeatureCache": "cache",
         "AtomicCheckpointIO": "checkpoint", "LatestCheckpoint": "checkpoint",
         "CheckpointMismatchError": "checkpoint", "check_data": "checks",
     }
