@@ -17,7 +17,12 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from . import __version__
 from .backbones import BackboneError, create_backbone, data_config
 from .checkpoint import CheckpointMismatchError, collect_rng_state, restore_rng_state, state_dict_mismatch
+from .classes import ClassExpansionConfig
+from .expansion import ClassExpansion, as_expansion_config
+from .fixmatch import FixMatchState, as_fixmatch_config
+from .fixmatch import training_step as fixmatch_training_step
 from .optim import param_groups
+from .semisup import FixMatchConfig
 from .strategies import StrategyConfig, apply_strategy, make_strategy_config, trainable_parameter_count
 from .strategies.base import strategy_name
 
@@ -55,6 +60,12 @@ class TransferClassifier(L.LightningModule):
             ``True`` = in memory; a directory = also on disk, reused across runs.
         channels_last: keep the network's 4-D weights in channels-last (NHWC) memory format; convolutions
             then run NHWC (measured 1.5× faster CPU training steps on EfficientNet-Lite0, see BENCHMARKS.md).
+        semi_supervised: FixMatch options (:class:`visiontune.FixMatchConfig` or a dict, YAML
+            ``{threshold: 0.95, mu: 7}``); trains on ``data.unlabeled`` too (:mod:`visiontune.fixmatch`).
+        init_from: checkpoint of a model trained on old classes; the training data's classes it does not
+            know are added to it (:mod:`visiontune.expansion`).
+        class_expansion: how old classes are kept while adding new ones (:class:`visiontune.ClassExpansionConfig`
+            or a dict: ``distill``, ``temperature``, ``freeze_old_rows``); needs ``init_from``.
 
     Example:
         >>> model = TransferClassifier("tf_efficientnet_lite0", weights="package", num_classes=10,
@@ -82,6 +93,9 @@ class TransferClassifier(L.LightningModule):
         backbone_args: Optional[dict[str, Any]] = None,
         cache_features: Union[bool, str] = False,
         channels_last: bool = False,
+        semi_supervised: Optional[FixMatchConfig] = None,
+        init_from: Optional[str] = None,
+        class_expansion: Optional[ClassExpansionConfig] = None,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, str) or not timm.is_model(backbone):
@@ -115,7 +129,14 @@ class TransferClassifier(L.LightningModule):
                    f"is {num_classes} but class_names has {len(class_names)} names")
         if num_classes is not None:
             _check(num_classes >= 1, "model.num_classes", f"must be >= 1, got {num_classes!r}")
+        fixmatch_cfg, expansion_cfg = as_fixmatch_config(semi_supervised), as_expansion_config(class_expansion)
+        _check(expansion_cfg is None or init_from is not None, "model.class_expansion",
+               "needs model.init_from (the checkpoint of the model to add classes to)")
+        semi_supervised = dataclasses.asdict(fixmatch_cfg) if fixmatch_cfg else None  # plain hparams
+        class_expansion = dataclasses.asdict(expansion_cfg) if expansion_cfg else None
         self.save_hyperparameters()
+        self._fixmatch = FixMatchState(fixmatch_cfg) if fixmatch_cfg else None
+        self._expansion = ClassExpansion(init_from, expansion_cfg or ClassExpansionConfig()) if init_from else None
         self.net: nn.Module | None = None
         self.class_names: list[str] | None = class_names
         n = len(class_names) if class_names is not None else num_classes
@@ -125,12 +146,14 @@ class TransferClassifier(L.LightningModule):
         self.features_input = False  # True while visiontune.cache serves backbone features instead of images
 
     # ------------------------------------------------------------------ construction
-    def _build(self, num_classes: int, weights: Optional[str]) -> None:
+    def _build(self, num_classes: int, weights: Optional[str], prepare: Optional[Any] = None) -> None:
         h = self.hparams
         kwargs = dict(h.backbone_args or {})
         if h.drop_path_rate is not None:
             kwargs["drop_path_rate"] = h.drop_path_rate
         net = create_backbone(h.backbone, weights, num_classes=num_classes, **kwargs)
+        if prepare is not None:  # before the strategy: e.g. load old weights and add classes (expansion)
+            num_classes = prepare(net)
         self.strategy_config = apply_strategy(net, self.strategy_config)
         if h.get("channels_last"):
             net = net.to(memory_format=torch.channels_last)  # inputs follow: conv outputs take the weight's format
@@ -157,9 +180,20 @@ class TransferClassifier(L.LightningModule):
         kwargs = dict(self.hparams.backbone_args or {})
         return data_config(timm.create_model(self.hparams.backbone, pretrained=False, num_classes=0, **kwargs))
 
+    def label_order(self, data_class_names: list[str]) -> list[str]:
+        """Class order the data's labels must index (asked by the datamodule at its setup): the data's own,
+        or, when adding classes (``init_from``), the old classes followed by the data's new ones."""
+        if self._expansion is None:
+            return list(data_class_names)
+        if self.net is not None and set(data_class_names) <= set(self.class_names):
+            return list(self.class_names)  # already grown
+        return self._expansion.label_order(list(data_class_names))
+
     def setup(self, stage: str) -> None:
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = getattr(dm, "class_names", None)
+        if self._expansion is not None:  # adding classes: builds the grown net (visiontune.expansion)
+            self._expansion.setup(self, dm, stage)
+        names = getattr(dm, "class_names", None) if self._expansion is None else None  # data: new classes only
         if self.net is None:
             if names is None:
                 raise ValueError(
@@ -178,17 +212,23 @@ class TransferClassifier(L.LightningModule):
                 raise ValueError(f"model classes {self.class_names} differ from the data's classes {list(names)}")
             self.class_names = list(names)
             self.hparams["class_names"] = list(names)
+        if self._fixmatch is not None and stage == "fit":  # weak/strong views, mu, pool indices
+            self._fixmatch.setup(self, dm)
 
     # ------------------------------------------------------------------ forward and steps
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.features_input:
             return self.net.forward_head(x)
+        if self._fixmatch is not None and not self.training:  # the EMA teacher evaluates, if there is one
+            return self._fixmatch.eval_forward(self, x)
         return self.net(x)
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self._fixmatch is not None or self._expansion is not None:
+            return fixmatch_training_step(self, batch)  # FixMatch and/or distillation, see visiontune.fixmatch
         x, y = batch
         logits = self(x)
         loss = self.loss(logits, y)
@@ -226,6 +266,8 @@ class TransferClassifier(L.LightningModule):
             "confusion": confusion,
             "per_class_acc": {n: (None if np.isnan(a) else float(a)) for n, a in zip(self.class_names, per_class)},
         }
+        if self._expansion is not None:  # {stage}_acc_old / _acc_new
+            self._expansion.log_split(self, stage, confusion)
 
     def on_validation_epoch_end(self) -> None:
         self._eval_epoch_end("val")
@@ -280,6 +322,11 @@ class TransferClassifier(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.apply_bn_policy()
 
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for helper in (self._fixmatch, self._expansion):  # EMA teacher update, frozen old rows
+            if helper is not None:
+                helper.after_step(self)
+
     # ------------------------------------------------------------------ reporting and checkpoints
     def parameter_summary(self) -> dict[str, Any]:
         trainable, total = trainable_parameter_count(self.net)
@@ -302,6 +349,10 @@ class TransferClassifier(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["visiontune_rng"] = collect_rng_state()  # exact resume of dropout & co.
+        if self._fixmatch is not None:  # EMA teacher, DA, FlexMatch: plain tensors (weights_only loads)
+            checkpoint["visiontune_fixmatch"] = self._fixmatch.state_dict()
+        if self._expansion is not None:
+            checkpoint["visiontune_expansion"] = self._expansion.state_dict()
         checkpoint["visiontune"] = {
             "version": __version__,
             "backbone": self.hparams.backbone,
@@ -311,6 +362,10 @@ class TransferClassifier(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._fixmatch is not None and checkpoint.get("visiontune_fixmatch"):
+            self._fixmatch.load_state_dict(checkpoint["visiontune_fixmatch"])
+        if self._expansion is not None and checkpoint.get("visiontune_expansion"):
+            self._expansion.load_state_dict(checkpoint["visiontune_expansion"])
         names = (checkpoint.get("visiontune") or {}).get("class_names") or \
             checkpoint.get("hyper_parameters", {}).get("class_names")
         if names and self.net is None:

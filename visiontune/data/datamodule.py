@@ -37,6 +37,8 @@ class ImageDataset(Dataset):
         samples: items and labels.
         transforms: one albumentations pipeline, or a sequence giving one view each.
         return_index: return the item index instead of the label (prediction).
+        with_index: also return the item index after the label (``-1`` = unknown), e.g. the unlabeled pool:
+            ``(weak, strong, label, index)``; FlexMatch tracks pool samples by index.
         max_pixels: decompression-bomb limit for files.
     """
 
@@ -46,12 +48,14 @@ class ImageDataset(Dataset):
         transforms: Callable | Sequence[Callable],
         *,
         return_index: bool = False,
+        with_index: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ) -> None:
         self.samples = samples
         self.multi = isinstance(transforms, (list, tuple))
         self.transforms = list(transforms) if self.multi else [transforms]
         self.return_index = return_index
+        self.with_index = with_index
         self.max_pixels = max_pixels
         self.seed: int | None = None
         # the epoch lives in shared memory: worker processes (persistent or not) see set_epoch at once
@@ -94,9 +98,8 @@ class ImageDataset(Dataset):
                 seed_transform(t, _item_seed(self.seed, epoch, i, k))
         views = [t(image=image)["image"] for t in self.transforms]
         target = i if self.return_index else int(self.samples.labels[i])
-        if self.multi:
-            return (*views, target)
-        return views[0], target
+        out = (*views, target) if self.multi else (views[0], target)
+        return (*out, i) if self.with_index else out
 
 
 def _folder_classes(source: Any) -> list[str] | None:
@@ -395,6 +398,18 @@ class ImageDataModule(L.LightningDataModule):
             s = align_classes(s, list(names), role)
         return self._checked(s, role)
 
+    def _model_label_order(self, names: list[str], problems: list[str]) -> list[str]:
+        """The class order labels must index: the data's own, or the one the model asks for (a model that
+        adds classes to a trained one wants its old classes first, then the data's new ones)."""
+        module = getattr(getattr(self, "trainer", None), "lightning_module", None)
+        if not callable(getattr(module, "label_order", None)):
+            return list(names)
+        try:
+            return list(module.label_order(list(names)))
+        except DataError as err:
+            problems += err.problems
+            return list(names)
+
     def _setup_labeled(self, size: int, mean: tuple, std: tuple, interp: str, evaluate: Callable) -> None:
         # every structural problem of train, val and test is collected and raised together
         problems: list[str] = []
@@ -404,10 +419,14 @@ class ImageDataModule(L.LightningDataModule):
             problems += [f"train: {p}" if not p.startswith("train: ") else p for p in err.problems]
             full = None
         names = full.class_names if full is not None else self.classes or _folder_classes(self.train)
-        test = self._read_eval("test", names, problems)
-        val = self._read_eval("val", names, problems)
+        order = self._model_label_order(names, problems) if full is not None else names
+        test = self._read_eval("test", order, problems)
+        val = self._read_eval("val", order, problems)
         if full is None:
             raise DataError(problems)
+        own_labels = full.labels  # splits per class of the data; labels then index the model's order
+        if order != names:
+            full = align_classes(full, list(order), "train")
         idx = np.arange(len(full))
         if self.test is None and self.test_split > 0:
             keep, take = stratified_split(full.labels, self.test_split, self.seed)
@@ -419,7 +438,7 @@ class ImageDataModule(L.LightningDataModule):
         rest = np.array([], dtype=np.int64)
         if self.labels_per_class is not None:
             try:
-                chosen, rest_local = take_per_class(full.labels[idx], self.labels_per_class, self.seed + 2, names)
+                chosen, rest_local = take_per_class(own_labels[idx], self.labels_per_class, self.seed + 2, names)
                 idx, rest = idx[chosen], idx[rest_local]
             except DataError as err:
                 problems += [f"train: {p}" for p in err.problems]
@@ -446,7 +465,7 @@ class ImageDataModule(L.LightningDataModule):
         if pool is not None:
             self.split["unlabeled"] = [pool.describe(i) for i in range(len(pool))]
             views = self.unlabeled_transforms or [augment]
-            self.unlabeled_set = ImageDataset(pool, views, max_pixels=self.max_pixels)
+            self.unlabeled_set = ImageDataset(pool, views, max_pixels=self.max_pixels, with_index=True)
             self.unlabeled_set.reseed(self.seed + 3)
 
     # ------------------------------------------------------------------ loaders

@@ -70,11 +70,11 @@ def _check_stats(mean: Sequence[float], std: Sequence[float]) -> None:
         raise ValueError(f"std must be > 0; got {std!r}")
 
 
-def _geometry(h: int, w: int, translate: float) -> list[A.BasicTransform]:
-    """Resize, flip, and translate by reflect-pad + random crop (FixMatch's weak augmentation)."""
+def _geometry(h: int, w: int, translate: float, hflip: bool = True) -> list[A.BasicTransform]:
+    """Resize, flip (if ``hflip``), translate by reflect-pad + random crop (FixMatch's weak augmentation)."""
     if not 0.0 <= translate < 1.0:
         raise ValueError(f"translate must be in [0, 1) (fraction of the side); got {translate}")
-    ops: list[A.BasicTransform] = [A.Resize(h, w), A.HorizontalFlip(p=0.5)]
+    ops: list[A.BasicTransform] = [A.Resize(h, w)] + ([A.HorizontalFlip(p=0.5)] if hflip else [])
     pad_h, pad_w = round(h * translate), round(w * translate)
     if pad_h or pad_w:
         ops += [
@@ -93,6 +93,7 @@ def weak_transform(
     mean: Sequence[float],
     std: Sequence[float],
     translate: float = 0.125,
+    hflip: bool = True,
 ) -> A.Compose:
     """The weak (pseudo-labelling) augmentation: flip + translate, normalise, to tensor.
 
@@ -102,6 +103,7 @@ def weak_transform(
         std: per-channel std in [0, 1] units.
         translate: largest shift as a fraction of the side (0.125 = FixMatch's 4 px of 32);
             implemented as reflect padding then a random crop. 0 disables it.
+        hflip: random horizontal flips (turn off for digits, text, ...).
 
     Returns:
         An ``A.Compose``; call it as ``t(image=hwc_uint8)["image"]`` to get a ``3xHxW`` float tensor.
@@ -114,7 +116,7 @@ def weak_transform(
     """
     h, w = _pair(size)
     _check_stats(mean, std)
-    return A.Compose(_geometry(h, w, translate) + _finish(mean, std))
+    return A.Compose(_geometry(h, w, translate, hflip) + _finish(mean, std))
 
 
 # --- RandAugment ops -------------------------------------------------------------------------
@@ -190,6 +192,7 @@ def strong_transform(
     magnitude: float | None = None,
     cutout: float = 0.5,
     translate: float = 0.125,
+    hflip: bool = True,
 ) -> A.Compose:
     """The strong (consistency-target) augmentation: weak geometry + RandAugment + Cutout.
 
@@ -205,6 +208,7 @@ def strong_transform(
         cutout: side of the one square Cutout hole as a fraction of the image side, always applied
             (FixMatch: 0.5), filled with gray 127; 0 disables it.
         translate: flip-and-shift translation, as in :func:`weak_transform`.
+        hflip: random horizontal flips, as in :func:`weak_transform`.
 
     Returns:
         An ``A.Compose``; ``t(image=hwc_uint8)["image"]`` is a ``3xHxW`` float32 tensor.
@@ -224,7 +228,7 @@ def strong_transform(
     if not 0.0 <= cutout <= 1.0:
         raise ValueError(f"cutout must be in [0, 1] (fraction of the side); got {cutout}")
     m = None if magnitude is None else magnitude / MAX_MAGNITUDE
-    ops: list[A.BasicTransform] = _geometry(h, w, translate)
+    ops: list[A.BasicTransform] = _geometry(h, w, translate, hflip)
     if num_ops:
         ops.append(A.SomeOf([make(m) for make in STRONG_OPS.values()], n=num_ops, replace=False, p=1.0))
     if cutout > 0:

@@ -1,0 +1,176 @@
+"""FixMatch benchmark: (a) accuracy, labeled-only vs FixMatch; (b) cost of our step vs a naive one.
+
+    python benchmarks/fixmatch.py            # 2/5/10 labels per class x 3 seeds, then the step cost
+    python benchmarks/fixmatch.py --quick    # 5 labels per class, 1 seed, short runs
+    python benchmarks/fixmatch.py --only cost
+
+(a) scikit-learn's digits (offline) at 32 px, ``tf_efficientnet_lite0`` with the packaged ImageNet weights,
+strategy ``full``, ``bn="eval"``; the same number of optimizer steps for both runs, FixMatch drawing its
+unlabeled batches from the rest of the training images (``unlabeled: rest``). Accuracy on a held-out 20 %.
+
+(b) one optimizer step at mu = 7: ours runs the weak branch without a graph (``predict_weak``) and one
+forward of ``cat(labeled, strong)``; the naive step runs ``cat(labeled, weak, strong)`` with gradients and
+detaches the weak logits afterwards. Both are timed alternately in one process (ratios, not seconds: the
+machine is shared and noisy). Memory: CUDA peak allocation on a GPU; on CPU the bytes autograd saves for
+the backward pass (activation memory, what differs between the two).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+
+def accuracy_run(labels_per_class: int, seed: int, fixmatch: bool, steps: int, size: int, mu: int,
+                 threshold: float = 0.95) -> float:
+    """Validation accuracy of one run (labeled-only or FixMatch) on digits."""
+    import lightning as L
+
+    from visiontune import ImageDataModule, TransferClassifier
+    from visiontune.semisup import FixMatchConfig
+
+    L.seed_everything(seed, verbose=False)
+    model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy="full", bn="eval", lr=5e-4,
+                               semi_supervised=FixMatchConfig(threshold=threshold, mu=mu) if fixmatch else None)
+    dm = ImageDataModule(train="digits", image_size=size, batch_size=16, labels_per_class=labels_per_class,
+                         unlabeled="rest" if fixmatch else None, hflip=False, num_workers=0, seed=seed,
+                         val_split=0.2)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=10**6)
+    trainer.fit(model, dm)
+    return float(trainer.validate(model, dm, verbose=False)[0]["val_acc"])
+
+
+def accuracy_table(ks: list[int], seeds: list[int], steps: int, size: int, mu: int, threshold: float) -> None:
+    print(f"(a) digits, {size} px, {steps} steps each, mu={mu}, threshold={threshold}; "
+          f"val accuracy mean ± std over seeds {seeds}")
+    print(f"{'labels/class':>12} {'labeled-only':>16} {'FixMatch':>16} {'gain':>8}")
+    for k in ks:
+        sup = [accuracy_run(k, s, False, steps, size, mu) for s in seeds]
+        fm = [accuracy_run(k, s, True, steps, size, mu, threshold) for s in seeds]
+
+        def fmt(v: list[float]) -> str:
+            return f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}"
+
+        gain = statistics.mean(fm) - statistics.mean(sup)
+        print(f"{k:>12} {fmt(sup):>16} {fmt(fm):>16} {gain:>+8.3f}   per seed: {sup} vs {fm}", flush=True)
+
+
+class _SavedBytes:
+    """Bytes autograd keeps for backward (activations), via saved-tensor hooks."""
+
+    def __init__(self) -> None:
+        self.total = 0
+
+    def __enter__(self) -> "_SavedBytes":
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            self.total += t.numel() * t.element_size()
+            return t
+
+        self._ctx = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def step_cost(batch: int, mu: int, size: int, reps: int, device: str) -> None:
+    from visiontune.backbones import create_backbone
+    from visiontune.semisup import FixMatchConfig, fixmatch_loss, forward_train, predict_weak
+
+    torch.manual_seed(0)
+    net = create_backbone("tf_efficientnet_lite0", "package", num_classes=10).to(device).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
+    cfg = FixMatchConfig(threshold=0.95, mu=mu)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    xw = torch.randn(batch * mu, 3, size, size, device=device)
+    xs = torch.randn(batch * mu, 3, size, size, device=device)
+
+    def ours() -> None:
+        weak = predict_weak(net, xw)
+        ll, ls = forward_train(net, x, xs, cfg.bn)
+        loss = F.cross_entropy(ll, y) + fixmatch_loss(ls, weak, cfg).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def naive() -> None:
+        logits = net(torch.cat([x, xw, xs]))
+        ll, lw, ls = logits[:batch], logits[batch: batch + batch * mu], logits[batch + batch * mu:]
+        loss = F.cross_entropy(ll, y) + fixmatch_loss(ls, lw.detach(), cfg).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def memory(fn) -> int:
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            fn()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - base
+        with _SavedBytes() as saved:
+            fn()
+        return saved.total
+
+    for fn in (ours, naive):  # warm-up (allocator, AdamW state)
+        fn()
+    times: dict[str, list[float]] = {"ours": [], "naive": []}
+    for _ in range(reps):
+        for name, fn in (("ours", ours), ("naive", naive)):
+            sync()
+            t = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t)
+    mem = {"ours": memory(ours), "naive": memory(naive)}
+    t_ours, t_naive = statistics.median(times["ours"]), statistics.median(times["naive"])
+    what = "peak CUDA memory" if device == "cuda" else "activation bytes saved for backward"
+    print(f"(b) step cost, {device}, tf_efficientnet_lite0 @ {size} px, B={batch}, mu={mu}, {reps} alternating reps")
+    print(f"    time: ours {t_ours * 1e3:.0f} ms, naive {t_naive * 1e3:.0f} ms (median) -> ratio {t_ours / t_naive:.2f}x")
+    print(f"    {what}: ours {mem['ours'] / 2**20:.0f} MiB, naive {mem['naive'] / 2**20:.0f} MiB -> ratio "
+          f"{mem['ours'] / mem['naive']:.2f}x", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="5 labels/class, 1 seed, short runs, fewer reps")
+    p.add_argument("--only", choices=["accuracy", "cost"], default=None)
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps per accuracy run")
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--mu", type=int, default=7)
+    p.add_argument("--threshold", type=float, default=0.95, help="FixMatch confidence threshold")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on <= 2 cores)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    threads = args.threads or (1 if (os.cpu_count() or 1) <= 2 else None)
+    if threads:
+        torch.set_num_threads(threads)
+    if args.only in (None, "accuracy"):
+        ks, seeds = ([5], [0]) if args.quick else ([2, 5, 10], [0, 1, 2])
+        steps = args.steps or (100 if args.quick else 300)
+        accuracy_table(ks, seeds, steps, args.size, mu=3 if args.quick else args.mu, threshold=args.threshold)
+    if args.only in (None, "cost"):
+        step_cost(batch=16 if args.device == "cuda" else 8, mu=args.mu, size=args.size,
+                  reps=5 if args.quick else 15, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

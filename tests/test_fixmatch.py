@@ -1,0 +1,279 @@
+"""FixMatch and class expansion inside TransferClassifier: wiring (fast) and real offline runs (slow)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import lightning as L  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from visiontune import ImageDataModule, TransferClassifier  # noqa: E402
+from visiontune.classes import ClassExpansionConfig  # noqa: E402
+from visiontune.data.sources import DataError, digits, stratified_split  # noqa: E402
+from visiontune.fixmatch import FixMatchState, anchor_old_classes, as_fixmatch_config  # noqa: E402
+from visiontune.semisup import FixMatchConfig  # noqa: E402
+
+FULL_STATE = dict(threshold=0.6, mu=2, ema=0.9, distribution_alignment=True, class_thresholds="flexmatch")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads are many times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def digit_arrays():
+    s = digits()
+    return np.stack(s.items), s.labels
+
+
+def _arrays(x, y, idx, classes):
+    idx = np.asarray([i for i in idx if y[i] in classes])
+    return x[idx], np.searchsorted(classes, y[idx]), [str(c) for c in classes]
+
+
+def _trainer(steps: int, tmp_path: Path | None = None, **kw) -> L.Trainer:
+    return L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=10**6,
+                     default_root_dir=tmp_path, **kw)
+
+
+def _small_fixmatch(**cfg) -> tuple[TransferClassifier, ImageDataModule]:
+    model = TransferClassifier("tf_efficientnet_lite0", weights=None, strategy="full",
+                               semi_supervised=FixMatchConfig(**{**FULL_STATE, **cfg}))
+    dm = ImageDataModule(train="digits", image_size=32, batch_size=4, labels_per_class=2, unlabeled="rest",
+                         hflip=False, num_workers=0, seed=0)
+    return model, dm
+
+
+# ---------------------------------------------------------------------------------------------- wiring
+def test_config_is_plain_in_hparams_and_accepts_a_dict():
+    model = TransferClassifier("tf_efficientnet_lite0", weights=None, num_classes=3,
+                               semi_supervised=FixMatchConfig(threshold=0.9, mu=2))
+    assert model.hparams.semi_supervised == {**model.hparams.semi_supervised, "threshold": 0.9, "mu": 2}
+    assert isinstance(model.hparams.semi_supervised, dict)
+    again = TransferClassifier("tf_efficientnet_lite0", weights=None, num_classes=3,
+                               semi_supervised=dict(model.hparams.semi_supervised))
+    assert again._fixmatch.cfg == FixMatchConfig(threshold=0.9, mu=2)
+    with pytest.raises(ValueError, match="treshold"):
+        as_fixmatch_config({"treshold": 0.9})
+    with pytest.raises(ValueError, match="class_expansion needs model.init_from"):
+        TransferClassifier("tf_efficientnet_lite0", weights=None, class_expansion={"distill": 1.0})
+
+
+def test_unlabeled_loader_is_seeded_and_returns_true_label_and_index():
+    def first_batch(seed: int):
+        model, dm = _small_fixmatch()
+        dm.seed = seed
+        dm.setup("fit")
+        model._build(10, None)
+        model._fixmatch.setup(model, dm)
+        loaders = dm.train_dataloader()
+        assert set(loaders) == {"labeled", "unlabeled"}
+        return next(iter(loaders["unlabeled"])), dm
+
+    (w1, s1, y1, i1), dm = first_batch(0)
+    (w2, s2, y2, i2), _ = first_batch(0)
+    (w3, s3, _, i3), _ = first_batch(1)
+    assert w1.shape == s1.shape == (4 * 2, 3, 32, 32)  # mu * batch_size
+    assert torch.equal(w1, w2) and torch.equal(s1, s2) and torch.equal(i1, i2)
+    assert not torch.equal(i1, i3) or not torch.equal(s1, s3)
+    assert not torch.equal(w1, s1)  # two different views
+    pool = dm.unlabeled_set.samples
+    assert torch.equal(y1, torch.as_tensor(pool.labels[i1.numpy()]))  # 'rest' keeps the true labels
+    assert (y1 >= 0).all() and int(i1.max()) < len(pool)
+
+
+def test_weak_branch_runs_without_graph_and_all_keys_are_logged():
+    model, dm = _small_fixmatch(ema=None)
+    seen: list[tuple[int, bool]] = []
+    trainer = _trainer(2, log_every_n_steps=1)
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.net.register_forward_hook(lambda m, i, o: seen.append((i[0].shape[0], torch.is_grad_enabled())))
+
+    trainer.callbacks.append(Spy())
+    trainer.fit(model, dm)
+    weak = [g for n, g in seen if n == 4 * 2]  # the weak batch alone (mu * B)
+    together = [g for n, g in seen if n == 4 + 4 * 2]  # labeled + strong, one forward ("concat")
+    assert weak and not any(weak), "the weak branch must run under no_grad"
+    assert together and all(together)
+    keys = set(trainer.callback_metrics)
+    assert {"train_loss", "train_sup_loss", "train_unsup_loss", "train_mask_rate", "train_pseudo_acc_all"} <= keys
+
+
+def test_checkpoint_round_trip_of_fixmatch_state(tmp_path):
+    model, dm = _small_fixmatch()
+    trainer = _trainer(3, tmp_path)
+    trainer.fit(model, dm)
+    fm = model._fixmatch
+    assert fm.teacher is not None and fm.da is not None and fm.flex is not None
+    path = tmp_path / "fm.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)  # plain tensors and numbers only
+    assert isinstance(ckpt["hyper_parameters"]["semi_supervised"], dict)
+    assert ckpt["visiontune_fixmatch"]["teacher"]["num_updates"] == 3
+
+    loaded = TransferClassifier.load(str(path))
+    loaded.eval()
+    x = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.cpu()(x))  # evaluation = the restored EMA teacher
+    lf = loaded._fixmatch
+    lf.pool_size = fm.pool_size
+    lf._ensure(loaded)
+    assert torch.equal(lf.da.mean.cpu(), fm.da.mean.cpu()) and lf.da.steps == fm.da.steps
+    assert torch.equal(lf.flex.selected.cpu(), fm.flex.selected.cpu())
+    for (k, a), (_, b) in zip(lf.teacher.module.state_dict().items(), fm.teacher.module.state_dict().items()):
+        assert torch.equal(a.cpu(), b.cpu()), k
+
+    # resuming fit restores the state before the first resumed step
+    restored = {}
+
+    class Check(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if not restored:
+                f = pl_module._fixmatch
+                f._ensure(pl_module)
+                restored["da"] = f.da.mean.clone()
+                restored["updates"] = f.teacher.num_updates
+
+    model2, dm2 = _small_fixmatch()
+    _trainer(4, tmp_path, callbacks=[Check()]).fit(model2, dm2, ckpt_path=str(path))
+    assert torch.equal(restored["da"].cpu(), fm.da.mean.cpu()) and restored["updates"] == 3
+
+
+def test_anchor_old_classes_keeps_confident_old_predictions():
+    weak = torch.tensor([[0.0, 0.0, 9.0], [0.0, 0.0, 9.0], [5.0, 0.0, 0.0]])
+    old = torch.tensor([[0.0, 9.0], [0.2, 0.0], [0.0, 0.0]])
+    out = anchor_old_classes(weak, old, threshold=0.9)
+    assert out.argmax(1).tolist() == [1, 2, 0]
+    assert torch.equal(out[1:], weak[1:])
+
+
+# ---------------------------------------------------------------------------------------------- class expansion
+@pytest.fixture(scope="module")
+def old_checkpoint(tmp_path_factory, digit_arrays):
+    """A model trained (briefly) on digits 0-7: the checkpoint to add 8 and 9 to."""
+    x, y = digit_arrays
+    keep, test = stratified_split(y, 0.3, 123)
+    torch.set_num_threads(1)
+    L.seed_everything(0)
+    model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy="full", bn="train", lr=1e-3)
+    dm = ImageDataModule(train=_arrays(x, y, keep, list(range(8))), val=_arrays(x, y, test, list(range(8))),
+                         image_size=32, batch_size=32, hflip=False, num_workers=0)
+    trainer = _trainer(int(os.environ.get("VT_BASE_STEPS", 80)))
+    trainer.fit(model, dm)
+    base = trainer.validate(model, dm, verbose=False)[0]["val_acc"]
+    path = tmp_path_factory.mktemp("old") / "digits0-7.ckpt"
+    trainer.save_checkpoint(path)
+    return path, keep, test, base
+
+
+def _expansion_data(x, y, keep, test, seed=0, k=5, pool=True):
+    rng = np.random.default_rng(seed)
+    lab = np.concatenate([rng.choice([i for i in keep if y[i] == c], k, replace=False) for c in (8, 9)])
+    rest = np.setdiff1d(keep, lab)
+    unlabeled = (x[rest], y[rest], [str(i) for i in range(10)]) if pool else None
+    return ImageDataModule(train=_arrays(x, y, lab, [8, 9]), val=_arrays(x, y, test, list(range(10))),
+                           unlabeled=unlabeled, image_size=32, batch_size=2 * k, hflip=False, num_workers=0,
+                           val_split=0, seed=seed)
+
+
+@pytest.mark.slow
+def test_expansion_grows_head_keeps_old_rows_and_reports_split(old_checkpoint, digit_arrays):
+    path, keep, test, _ = old_checkpoint
+    x, y = digit_arrays
+    model = TransferClassifier("tf_efficientnet_lite0", weights=None, strategy="full", bn="eval", lr=1e-4,
+                               init_from=str(path), class_expansion={"distill": 1.0, "freeze_old_rows": True})
+    dm = _expansion_data(x, y, keep, test, pool=False)
+    trainer = _trainer(2)
+    trainer.fit(model, dm)
+    assert model.class_names == [str(i) for i in range(10)]
+    old = torch.load(path, weights_only=True)["state_dict"]
+    head = model.net.get_classifier()
+    assert torch.equal(head.weight[:8].detach().cpu(), old["net.classifier.weight"])  # frozen rows: bit-identical
+    assert torch.equal(head.bias[:8].detach().cpu(), old["net.classifier.bias"])
+    assert dm.val_set.samples.class_names == model.class_names  # val aligned to old + new
+    assert "train_distill_loss" in trainer.callback_metrics
+    metrics = trainer.validate(model, dm, verbose=False)[0]
+    assert {"val_acc", "val_acc_old", "val_acc_new"} <= set(metrics)
+
+
+@pytest.mark.slow
+def test_expansion_refuses_bad_input_before_training(old_checkpoint, digit_arrays, tmp_path):
+    path, keep, test, _ = old_checkpoint
+    x, y = digit_arrays
+
+    def fit(dm):
+        model = TransferClassifier("tf_efficientnet_lite0", weights=None, strategy="full", init_from=str(path),
+                                   semi_supervised={"mu": 1})
+        _trainer(1).fit(model, dm)
+
+    lab = [i for i in keep if y[i] == 8][:3]
+    clash = ImageDataModule(train=(x[lab], np.zeros(3, int), ["7 "]), val=_arrays(x, y, test, list(range(8))),
+                            unlabeled=(x[lab], None), image_size=32, hflip=False, num_workers=0, val_split=0)
+    with pytest.raises(DataError, match="clashes with the old class '7'"):
+        fit(clash)
+    # a new class with no labeled image
+    empty = ImageDataModule(train=(x[lab], np.zeros(3, int), ["8", "9"]), val=_arrays(x, y, test, list(range(8))),
+                            unlabeled=(x[lab], None), image_size=32, hflip=False, num_workers=0, val_split=0)
+    with pytest.raises(DataError, match="'9' has no"):
+        fit(empty)
+    # an unlabeled folder whose files cannot be read
+    bad = tmp_path / "unlabeled"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.jpg").write_bytes(b"not a jpeg")
+    unreadable = ImageDataModule(train=(x[lab], np.zeros(3, int), ["8"]), val=_arrays(x, y, test, list(range(9))),
+                                 unlabeled=str(bad), image_size=32, hflip=False, num_workers=0, val_split=0)
+    with pytest.raises(DataError, match="unlabeled"):
+        fit(unreadable)
+
+
+@pytest.mark.slow
+def test_fixmatch_adds_classes_better_than_labeled_only(old_checkpoint, digit_arrays):
+    """Digits 0-7 model + digits 8 and 9 with 5 labels each + the rest of the training images unlabeled.
+
+    Labeled-only fine-tuning sees images of the new classes only and drifts old images into them; FixMatch
+    learns the new classes from the pool as well, and its pool pseudo-labels are anchored by the frozen
+    old model. Measured (40 steps, seed 0): labeled-only old/new 0.74/0.56, FixMatch 0.81/0.75 (base 0.95).
+    The issue's "old classes drop <= 2 points" is not reached by these short runs (see the report).
+    """
+    path, keep, test, base = old_checkpoint
+    x, y = digit_arrays
+    steps = int(os.environ.get("VT_EXPAND_STEPS", 40))
+    assert base > 0.9
+    for seed in (0, 1):  # the margin must hold for each seed (labeled images, augmentation, init)
+        results = {}
+        for fixmatch in (False, True):
+            L.seed_everything(seed)
+            model = TransferClassifier(
+                "tf_efficientnet_lite0", weights=None, strategy="full", bn="train", lr=1e-4, init_from=str(path),
+                class_expansion=ClassExpansionConfig(distill=1.0),
+                semi_supervised=FixMatchConfig(threshold=0.95, mu=3) if fixmatch else None)
+            dm = _expansion_data(x, y, keep, test, seed=seed, pool=fixmatch)
+            trainer = _trainer(steps, log_every_n_steps=1)
+            trainer.fit(model, dm)
+            if fixmatch:
+                assert 0 < float(trainer.callback_metrics["train_mask_rate"]) <= 1
+                assert float(trainer.callback_metrics["train_pseudo_acc"]) > 0.8  # anchored pseudo-labels are right
+            results[fixmatch] = trainer.validate(model, dm, verbose=False)[0]
+        print(f"seed {seed} base {base:.3f}",
+              {k: {m: round(v, 3) for m, v in r.items() if "acc" in m} for k, r in results.items()})
+        fm, sup = results[True], results[False]
+        assert fm["val_acc_new"] > sup["val_acc_new"] + 0.1
+        assert fm["val_acc_old"] > sup["val_acc_old"]
+        assert fm["val_acc"] > sup["val_acc"] + 0.05
