@@ -50,6 +50,7 @@ def _optional_exports() -> None:
         "AdapterConfig": "strategies.adapter", "VPTConfig": "strategies.prompt",
         "SparseConfig": "strategies.sparse",
         "FixMatchConfig": "semisup", "expand_classes": "classes", "ClassExpansionConfig": "classes",
+        "FixMatchState": "fixmatch", "ClassExpansion": "expansion",
         "save_delta": "delta", "load_delta": "delta",
         "GradualUnfreeze": "schedule", "compare": "compare", "compare_from_config": "compare",
         "FeatureCache": "cache",

@@ -6,8 +6,11 @@ model trained on the old classes. At ``setup`` the training data's class names t
 not know become new classes, appended after the old ones (label order ``old + new``). The head grows
 with rows imprinted from the labeled new-class images (old rows bit-identical), and the old classes are
 protected while training: Learning-without-Forgetting distillation against a frozen copy of the old
-model on the batch images (``distill``), and/or frozen old head rows (``freeze_old_rows``). Validation
-and test log ``*_acc_old``, ``*_acc_new`` and ``*_acc``.
+model on the batch images (``distill``), and/or frozen old head rows (``freeze_old_rows``). With FixMatch
+(``semi_supervised``) the unlabeled photos help both ways: they teach the new classes, and those the frozen
+old model is confident about keep their old class as pseudo-label (:func:`visiontune.fixmatch.anchor_old_classes`),
+which is what stops old classes from drifting into the new ones. Validation and test log ``*_acc_old``,
+``*_acc_new`` and ``*_acc``.
 
 The data a bird-photo user brings::
 
