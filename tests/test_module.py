@@ -119,3 +119,21 @@ def test_few_label_finetuning_beats_frozen_feature_baseline():
     trainer.fit(model, dm)
     acc = float(trainer.callback_metrics["val_acc"])
     assert acc > 0.80, acc
+
+
+def test_sparse_gradient_masks_are_calibrated_before_training():
+    from visiontune.strategies.sparse import sparse_masks, sparse_needs_calibration
+
+    L.seed_everything(0)
+    model = TransferClassifier("resnet18", weights=None, num_classes=3, strategy="sparse",
+                               strategy_args={"score": "gradient", "warmup_batches": 2, "fraction": 0.01})
+    before = {k: v.clone() for k, v in sparse_masks(model.net).items()}  # provisional magnitude masks
+    assert sparse_needs_calibration(model.net)
+    trainer = L.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_train_batches=1)
+    trainer.fit(model, _tiny_data())
+    assert not sparse_needs_calibration(model.net)
+    after = sparse_masks(model.net)
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # the gradient score chose others
+    s = model.parameter_summary()
+    assert s["trainable_params"] == sum(int(m.sum()) for m in after.values()) + 512 * 3 + 3

@@ -329,7 +329,12 @@ class TransferClassifier(L.LightningModule):
 
     # ------------------------------------------------------------------ reporting and checkpoints
     def parameter_summary(self) -> dict[str, Any]:
+        """Strategy name, trainable and total parameter counts (sparse: masked entries only)."""
         trainable, total = trainable_parameter_count(self.net)
+        if strategy_name(self.strategy_config) == "sparse":
+            from .strategies.sparse import sparse_trainable_count
+
+            trainable = sparse_trainable_count(self.net)
         return {"strategy": strategy_name(self.strategy_config), "trainable_params": trainable,
                 "total_params": total, "trainable_fraction": trainable / max(total, 1)}
 
@@ -341,11 +346,29 @@ class TransferClassifier(L.LightningModule):
         return [FeatureCache(self.hparams.cache_features)]
 
     def on_fit_start(self) -> None:
+        self._calibrate_sparse()
         s = self.parameter_summary()
         if self.trainer.is_global_zero:
             print(f"visiontune: {self.hparams.backbone} strategy={s['strategy']} "
                   f"trainable {s['trainable_params']:,} / {s['total_params']:,} parameters "
                   f"({100 * s['trainable_fraction']:.2f}%)")
+
+    def _calibrate_sparse(self) -> None:
+        """``sparse`` with ``score="gradient"``: choose the masks from warm-up batches before training."""
+        if strategy_name(self.strategy_config) != "sparse":
+            return
+        from .strategies.sparse import calibrate_sparse, sparse_needs_calibration
+
+        if not sparse_needs_calibration(self.net):  # magnitude masks, or restored from a checkpoint
+            return
+        loader = self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else None
+        if isinstance(loader, dict):
+            loader = loader["labeled"]
+        if loader is None:
+            raise ValueError("sparse with score='gradient' needs training data to choose its masks")
+        n = self.strategy_config.warmup_batches
+        batches = ((x.to(self.device), y.to(self.device)) for (x, y, *_), _ in zip(loader, range(n)))
+        calibrate_sparse(self.net, batches, self.loss, num_batches=n)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["visiontune_rng"] = collect_rng_state()  # exact resume of dropout & co.
