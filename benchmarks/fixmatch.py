@@ -13,6 +13,15 @@ forward of ``cat(labeled, strong)``; the naive step runs ``cat(labeled, weak, st
 detaches the weak logits afterwards. Both are timed alternately in one process (ratios, not seconds: the
 machine is shared and noisy). Memory: CUDA peak allocation on a GPU; on CPU the bytes autograd saves for
 the backward pass (activation memory, what differs between the two).
+
+Measured on the shared 2-core CPU (one run, ``--only accuracy --steps 100 --mu 3``; seeds 0, 1, 2):
+
+    labels/class   labeled-only     FixMatch        gain
+               2   0.600 ± 0.162    0.657 ± 0.067   +0.058
+               5   0.644 ± 0.079    0.788 ± 0.025   +0.144
+              10   0.897 ± 0.017    0.886 ± 0.014   -0.011
+
+and ``--quick`` step cost (B=8, mu=7, 32 px): time 0.69x of the naive step, activation memory 0.56x.
 """
 
 from __future__ import annotations
