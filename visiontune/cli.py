@@ -4,6 +4,7 @@
     visiontune fit --config configs/quickstart.yaml --model.strategy last_k --model.strategy_args '{k: 2}'
     visiontune fit --config configs/quickstart.yaml --print_config > my.yaml
     visiontune predict --ckpt_path runs/.../checkpoints/last.ckpt --data.predict photos/
+    visiontune predict --delta runs/.../checkpoints/delta.safetensors --data.predict photos/
     visiontune strategies
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import Optional
 
 __all__ = ["main", "VisionTuneCLI"]
 
@@ -53,6 +55,7 @@ def _cli_class():
     from lightning.pytorch.cli import LightningCLI
 
     from .data import ImageDataModule
+    from .delta import DeltaWriter, apply_delta_to_module, module_arguments_from_delta
     from .module import TransferClassifier
     from .report import PredictionCSVWriter, RunReport
 
@@ -84,6 +87,12 @@ def _cli_class():
                                  "checkpoint.save_last": True, "checkpoint.filename": "best"})
             parser.add_lightning_class_args(RunReport, "report")
             parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
+            parser.add_lightning_class_args(DeltaWriter, "save_delta")  # delta.safetensors after fit
+            parser.add_argument(
+                "--delta", type=Optional[str], default=None,
+                help="a task delta (.safetensors, from fit or save_delta) loaded onto the base model; the "
+                     "model's backbone, strategy, classes and bn policy are taken from it",
+            )
 
         def _instantiate_trainer(self, config, callbacks):  # type: ignore[override]
             # a rich progress bar unless the user turned bars off or brought their own
@@ -115,9 +124,31 @@ def _cli_class():
 
         def before_instantiate_classes(self) -> None:
             sub = self.config.get("subcommand")
+            if sub and self.config[sub].get("delta"):
+                self._model_from_delta(self.config[sub])
             if sub and self.config[sub].get("ckpt_path"):
                 # every weight comes from the checkpoint: never download or re-read the pretrained ones
                 self.config[sub].model.weights = None
+
+        def _model_from_delta(self, cfg) -> None:
+            if cfg.get("ckpt_path"):
+                raise ValueError("--delta and --ckpt_path exclude each other: a checkpoint already holds the task")
+            args = module_arguments_from_delta(cfg.delta)
+            model = cfg.model
+            backbone_args = dict(args["backbone_args"])
+            model.drop_path_rate = backbone_args.pop("drop_path_rate", None)
+            for key in ("backbone", "class_names", "num_classes", "strategy", "strategy_args", "bn"):
+                setattr(model, key, args[key])
+            model.backbone_args = backbone_args or None
+            if model.weights == "hub":  # the default: use the base the delta was trained on
+                model.weights = args["weights"]
+
+        def _load_delta(self) -> None:
+            path = self.config[self.config.subcommand].get("delta")
+            if path:
+                apply_delta_to_module(self.model, path)
+
+        before_fit = before_validate = before_test = before_predict = _load_delta
 
     return VisionTuneCLI
 

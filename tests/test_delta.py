@@ -1,0 +1,381 @@
+"""Task deltas: metadata, exact round trips, mismatch errors, pickle refusal, task switching, DeltaWriter + CLI."""
+
+from __future__ import annotations
+
+import csv
+import pickle
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import visiontune
+from visiontune.delta import (
+    DeltaError,
+    TaskBank,
+    build_from_delta,
+    delta_from_file,
+    load_delta,
+    save_delta,
+)
+from visiontune.strategies import apply_strategy
+from visiontune.strategies.lora import lora_layers, merge
+from visiontune.strategies.sparse import calibrate_sparse, sparse_masks
+
+X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors (32 px): one thread is as fast, and immune to OpenMP spin-waits on a shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def lite(strategy: str = "lora", n: int = 3, seed: int = 0, **opts) -> nn.Module:
+    torch.manual_seed(seed)
+    net = timm.create_model("tf_efficientnet_lite0", num_classes=3)
+    if n != 3:  # same body for every class count: the head's size changes timm's init order
+        net.reset_classifier(n)
+    apply_strategy(net, strategy, opts or None)
+    return net
+
+
+def tiny_vit(strategy: str = "lora", n: int = 3, seed: int = 0, **opts) -> nn.Module:
+    torch.manual_seed(seed)
+    net = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=n)
+    apply_strategy(net, strategy, opts or None)
+    return net
+
+
+@torch.no_grad()
+def train_like(net: nn.Module, seed: int, stats: bool = True) -> nn.Module:
+    """Move the delta tensors (sparse: inside the masks) and BatchNorm statistics, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    masks = sparse_masks(net)
+    for name, p in net.named_parameters():
+        if name in net.visiontune_delta:
+            noise = torch.randn(p.shape, generator=g) * 0.05
+            p.add_(noise * masks[name] if name in masks else noise)
+    for m in net.modules():
+        if stats and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+    return net.eval()
+
+
+def names(n: int) -> list[str]:
+    return [f"c{i}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def lora_delta(tmp_path_factory) -> tuple[Path, nn.Module]:
+    net = train_like(lite("lora", rank=4), seed=1)
+    path = tmp_path_factory.mktemp("delta") / "lora.safetensors"
+    save_delta(net, path, class_names=names(3))
+    return path, net
+
+
+# ------------------------------------------------------------------------------------------- contents
+def test_metadata_and_tensors(lora_delta):
+    path, net = lora_delta
+    tensors, meta = delta_from_file(path)
+    assert meta["format"] == "visiontune-delta" and meta["visiontune_version"] == visiontune.__version__
+    assert meta["backbone"] == "tf_efficientnet_lite0" and meta["weights"] is None
+    assert meta["strategy"] == "lora" and meta["strategy_config"]["rank"] == 4
+    assert meta["class_names"] == names(3) and meta["num_classes"] == 3 and meta["bn"] == "train"
+    assert meta["head"] == ["classifier.weight", "classifier.bias"]
+    kinds = {k.rsplit(".", 1)[-1] for k in tensors}
+    assert kinds == {"lora_A", "lora_B", "weight", "bias", "running_mean", "running_var", "num_batches_tracked"}
+    assert {k for k in tensors if k.endswith(("weight", "bias"))} == {"classifier.weight", "classifier.bias"}
+    assert "conv_stem.weight" in meta["base_hashes"] and "classifier.weight" not in meta["base_hashes"]
+
+
+def test_bn_policy_decides_which_statistics_are_saved(tmp_path):
+    net = train_like(lite("bitfit"), seed=1)
+    for bn, expect_stats in (("eval", False), ("train", True), ("frozen", True)):  # bitfit trains BN biases
+        save_delta(net, tmp_path / f"{bn}.safetensors", class_names=names(3), bn=bn)
+        tensors, _ = delta_from_file(tmp_path / f"{bn}.safetensors")
+        assert any(k.endswith("running_mean") for k in tensors) == expect_stats
+    lora = lite("lora")
+    save_delta(lora, tmp_path / "lora.safetensors", class_names=names(3), bn="frozen")  # no BN trains
+    assert not any(k.endswith("running_mean") for k in delta_from_file(tmp_path / "lora.safetensors")[0])
+
+
+def test_bare_net_needs_class_names(tmp_path):
+    with pytest.raises(DeltaError, match="pass class_names"):
+        save_delta(lite("linear"), tmp_path / "d.safetensors")
+    with pytest.raises(DeltaError, match="3 class names given but the head has"):
+        save_delta(lite("linear", n=5), tmp_path / "d.safetensors", class_names=names(3))
+    with pytest.raises(DeltaError, match="no strategy applied"):
+        save_delta(timm.create_model("resnet18", num_classes=3), tmp_path / "d.safetensors", class_names=names(3))
+
+
+def test_round_trip_into_merged_lora_target(lora_delta):
+    path, net = lora_delta
+    fresh = train_like(lite("lora", rank=4), seed=7)
+    merge(fresh)
+    load_delta(fresh, path)
+    assert all(layer.merged for layer in lora_layers(fresh).values())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(X), net(X), atol=1e-5, rtol=1e-4)
+
+
+def test_importing_delta_does_not_import_lightning():
+    import subprocess
+    import sys
+
+    code = ("import sys, visiontune.delta as d; d.save_delta, d.TaskBank; "
+            "print(any(m.startswith('lightning') for m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+# -------------------------------------------------------------------------------------- mismatches
+def _unchanged(net: nn.Module):
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    return lambda: all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_other_backbone(lora_delta):
+    path, _ = lora_delta
+    other = tiny_vit("lora", rank=4)
+    with pytest.raises(DeltaError, match=r"backbone: delta is for 'tf_efficientnet_lite0', the model is "
+                                         r"'vit_tiny_patch16_224'"):
+        load_delta(other, path)
+
+
+def test_other_class_count(lora_delta):
+    path, _ = lora_delta
+    target = lite("lora", n=5, rank=4)
+    same = _unchanged(target)
+    with pytest.raises(DeltaError, match=r"class count: the delta has 3 classes \(c0, c1, c2\) in its head "
+                                         r"'classifier.weight' \(3, 1280\) but the model's head has 5 outputs"):
+        load_delta(target, path)
+    assert same()
+
+
+def test_other_strategy_and_options(lora_delta, tmp_path):
+    path, _ = lora_delta
+    with pytest.raises(DeltaError, match="strategy: delta was saved with 'lora', the model uses 'bitfit'"):
+        load_delta(lite("bitfit"), path)
+    with pytest.raises(DeltaError, match=r"strategy options of 'lora' differ: rank \(delta 4, model 8\)"):
+        load_delta(lite("lora", rank=8), path)
+    # an option that changes no shape: an error by default, a warning with strict=False
+    target = lite("lora", rank=4, dropout=0.1)
+    with pytest.raises(DeltaError, match=r"dropout \(delta 0.0, model 0.1\)"):
+        load_delta(target, path)
+    with pytest.warns(UserWarning, match="dropout"):
+        load_delta(target, path, strict=False)
+
+
+def _rewrite(src: Path, dst: Path, edit) -> Path:
+    from safetensors import safe_open
+
+    with safe_open(str(src), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(src))
+    edit(tensors)
+    save_file(tensors, str(dst), metadata=meta)
+    return dst
+
+
+def test_missing_extra_and_misshaped_keys(lora_delta, tmp_path):
+    path, _ = lora_delta
+    key = "blocks.1.0.conv_pw.lora_A"
+    target = lite("lora", rank=4)
+    same = _unchanged(target)
+    missing = _rewrite(path, tmp_path / "missing.safetensors", lambda t: t.pop(key))
+    with pytest.raises(DeltaError, match=rf"missing keys \(the model's strategy trains them\): {key}"):
+        load_delta(target, missing)
+    extra = _rewrite(path, tmp_path / "extra.safetensors", lambda t: t.update({"blocks.9.foo": torch.zeros(2)}))
+    with pytest.raises(DeltaError, match=r"unexpected keys \(not part of the model's delta\): blocks.9.foo"):
+        load_delta(target, extra)
+    assert target.get_parameter(key).shape == (4, 16, 1, 1)
+    bad = _rewrite(path, tmp_path / "shape.safetensors", lambda t: t.update({key: torch.zeros(4, 7, 1, 1)}))
+    with pytest.raises(DeltaError, match=rf"shape mismatch: {key}: delta \(4, 7, 1, 1\) vs model \(4, 16, 1, 1\)"):
+        load_delta(target, bad)
+    assert same()
+
+
+def test_other_base_weights_are_detected(lora_delta):
+    path, net = lora_delta
+    other = lite("lora", rank=4, seed=123)  # same architecture, other (random) base weights
+    with pytest.raises(DeltaError, match=r"base tensors are not the base this delta was trained on: \d+ differ "
+                                         r"\(blocks\.0\.0\.conv_dw\.weight"):
+        load_delta(other, path)
+    load_delta(other, path, check_base=False)  # explicitly allowed: loads, but cannot reproduce the logits
+    with torch.no_grad():
+        assert not torch.allclose(other.eval()(X), net(X))
+
+
+def test_not_a_delta(tmp_path):
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(DeltaError, match="not a visiontune delta"):
+        delta_from_file(plain)
+    with pytest.raises(DeltaError, match="delta file not found"):
+        delta_from_file(tmp_path / "nope.safetensors")
+
+
+class _Planted:
+    """Unpickling this calls ``open(marker, "w")``: it would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_planted_pickle_is_never_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    payloads = {"pickle.safetensors": pickle.dumps({"lora_A": _Planted(marker)})}
+    torch_file = tmp_path / "torch.safetensors"
+    torch.save({"lora_A": _Planted(marker)}, torch_file)
+    payloads["torch.safetensors"] = torch_file.read_bytes()
+    target = lite("lora", rank=4)
+    for name, data in payloads.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        for load in (delta_from_file, lambda p: load_delta(target, p), lambda p: TaskBank(target).add_task("t", p)):
+            with pytest.raises(DeltaError, match="is not a safetensors delta .* never unpickled"):
+                load(path)
+        assert not marker.exists()
+
+
+# -------------------------------------------------------------------------------------- task banks
+def test_task_bank_switches_in_place(tmp_path):
+    base = lite("lora", rank=4, seed=0)
+    trained = {}
+    for task, n, seed in (("birds", 3, 1), ("cars", 5, 2)):
+        net = train_like(lite("lora", n=n, rank=4, seed=0), seed=seed)
+        save_delta(net, tmp_path / f"{task}.safetensors", class_names=names(n))
+        with torch.no_grad():
+            trained[task] = net(X)
+    base.eval()
+    with torch.no_grad():
+        base_logits = base(X)
+    lora_a = base.blocks[1][0].conv_pw.lora_A
+    bank = TaskBank(base)
+    assert bank.add_task("birds", tmp_path / "birds.safetensors")["num_classes"] == 3
+    bank.add_task("cars", tmp_path / "cars.safetensors")
+    assert bank.tasks == ["birds", "cars"] and bank.active is None
+    with torch.no_grad():
+        for task in ("cars", "birds", "cars", None, "birds"):
+            bank.use_task(task)
+            assert bank.active == task
+            out = base(X)
+            assert torch.equal(out, trained[task] if task else base_logits)
+    assert base.blocks[1][0].conv_pw.lora_A is lora_a  # tensors swapped in place, not re-created
+    assert base.num_classes == 3 and bank.class_names("cars") == names(5)
+
+    merged = bank.merge("cars")  # a copy: the bank stays on 'birds'
+    assert bank.active == "birds" and not lora_layers(merged)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(X), trained["cars"], atol=1e-5, rtol=1e-4)
+        assert torch.equal(base(X), trained["birds"])
+    with pytest.raises(DeltaError, match=r"no task 'boats'; tasks: \['birds', 'cars'\]"):
+        bank.use_task("boats")
+    bank.remove_task("birds")
+    assert bank.active is None and bank.tasks == ["cars"]
+
+
+def test_task_bank_sparse_masks_and_base_checks(tmp_path):
+    xs = [(X, torch.tensor([0, 1, 2])), (-X, torch.tensor([2, 2, 0]))]
+    trained = {}
+    for task, seed in (("a", 0), ("b", 1)):
+        net = lite("sparse", fraction=0.02, score="gradient", warmup_batches=1)
+        calibrate_sparse(net, [xs[seed]])  # different data: different masks
+        train_like(net, seed=10 + seed)
+        save_delta(net, tmp_path / f"{task}.safetensors", class_names=names(3))
+        with torch.no_grad():
+            trained[task] = net(X)
+    base = lite("sparse", fraction=0.02, score="gradient", warmup_batches=1).eval()
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    bank = TaskBank(base)
+    bank.add_task("a", tmp_path / "a.safetensors")
+    bank.add_task("b", tmp_path / "b.safetensors")
+    with torch.no_grad():
+        for task in ("a", "b", "a"):
+            bank.use_task(task)
+            assert torch.equal(base(X), trained[task])
+    bank.use_task(None)
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())  # the base, bit for bit
+    other = TaskBank(lite("sparse", fraction=0.02, seed=5))
+    with pytest.raises(DeltaError, match="strategy options of 'sparse' differ: score"):
+        other.add_task("a", tmp_path / "a.safetensors")
+
+
+# ------------------------------------------------------------------- TransferClassifier, writer, CLI
+def test_transfer_classifier_round_trip_and_sizes(tmp_path):
+    from visiontune.delta import add_task, use_task
+    from visiontune.module import TransferClassifier
+
+    def module(classes: list[str], seed: int) -> TransferClassifier:
+        m = TransferClassifier("tf_efficientnet_lite0", weights="package", class_names=classes, strategy="lora",
+                               strategy_args={"rank": 8})  # bn="frozen": no BatchNorm trains under LoRA
+        train_like(m.net, seed=seed, stats=False)
+        return m
+
+    model = module(["x", "y", "z"], seed=3)
+    path = save_delta(model, tmp_path / "task.safetensors")
+    full = tmp_path / "full.safetensors"
+    save_file({k: v.contiguous() for k, v in model.net.state_dict().items()}, str(full))
+    assert path.stat().st_size < 0.1 * full.stat().st_size
+    _, meta = delta_from_file(path)
+    assert meta["weights"] == "package" and meta["bn"] == "frozen" and meta["class_names"] == ["x", "y", "z"]
+    rebuilt = build_from_delta(path)
+    assert rebuilt.class_names == ["x", "y", "z"] and not rebuilt.training
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), model.net(X))
+
+    # the module-level API TransferClassifier.add_task / use_task delegate to: class names follow the task
+    save_delta(module(["p", "q"], seed=4), tmp_path / "two.safetensors")
+    add_task(rebuilt, "two", tmp_path / "two.safetensors")
+    use_task(rebuilt, "two")
+    assert rebuilt.class_names == ["p", "q"] and rebuilt.num_classes == 2 and rebuilt(X).shape == (3, 2)
+    use_task(rebuilt, None)
+    assert rebuilt.class_names == ["x", "y", "z"]
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), model.net(X))
+
+
+def test_fit_writes_delta_and_predict_uses_it(tmp_path, monkeypatch, capsys):
+    from conftest import make_folder
+    from visiontune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = make_folder(tmp_path / "imgs", per_class=4)
+    common = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--data.image_size=32",
+              "--data.num_workers=0", "--data.batch_size=4"]
+    main(["fit", *common, "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
+          "--model.backbone=tf_efficientnet_lite0", "--model.weights=package", "--model.strategy=lora",
+          "--model.strategy_args={rank: 2}", f"--data.train={data}"])
+    out = capsys.readouterr().out
+    line = [ln for ln in out.splitlines() if ln.startswith("visiontune delta:")][-1]
+    delta = Path(line.split(":", 1)[1].split(" (")[0].strip())
+    assert delta.name == "delta.safetensors" and delta.parent.name == "checkpoints"
+    assert (delta.parent / "best.ckpt").is_file()
+    _, meta = delta_from_file(delta)
+    assert meta["class_names"] == ["blue", "green", "red"] and meta["weights"] == "package"
+
+    preds = tmp_path / "preds.csv"
+    main(["predict", *common, f"--delta={delta}", f"--data.predict={data}", f"--predictions.output={preds}"])
+    rows = list(csv.DictReader(preds.open()))
+    assert len(rows) == 12 and {r["label"] for r in rows} <= {"blue", "green", "red"}
+    # the delta was written from the best checkpoint: the same predictions, to the printed digit
+    from_ckpt = tmp_path / "preds_ckpt.csv"
+    main(["predict", *common, "--model.backbone=tf_efficientnet_lite0", "--model.strategy=lora",
+          "--model.strategy_args={rank: 2}", f"--ckpt_path={delta.parent / 'best.ckpt'}",
+          f"--data.predict={data}", f"--predictions.output={from_ckpt}"])
+    assert list(csv.DictReader(from_ckpt.open())) == rows
+
+    with pytest.raises((SystemExit, ValueError)) as err:
+        main(["predict", *common, f"--delta={delta}", f"--ckpt_path={delta.parent / 'best.ckpt'}",
+              f"--data.predict={data}"])
+    assert "--delta and --ckpt_path exclude each other" in str(err.value) + capsys.readouterr().err
