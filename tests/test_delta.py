@@ -379,3 +379,39 @@ def test_fit_writes_delta_and_predict_uses_it(tmp_path, monkeypatch, capsys):
         main(["predict", *common, f"--delta={delta}", f"--ckpt_path={delta.parent / 'best.ckpt'}",
               f"--data.predict={data}"])
     assert "--delta and --ckpt_path exclude each other" in str(err.value) + capsys.readouterr().err
+
+
+def test_module_use_task_switches_heads_and_metrics(tmp_path):
+    """TransferClassifier.add_task/use_task: two tasks with different class counts on one base."""
+    import torch as _torch
+
+    from visiontune import TransferClassifier, save_delta
+
+    _torch.manual_seed(0)
+    a = TransferClassifier("resnet18", weights=None, num_classes=3, strategy="lora", strategy_args={"rank": 2})
+    b = TransferClassifier("resnet18", weights=None, num_classes=5, strategy="lora", strategy_args={"rank": 2})
+    b.net.load_state_dict({k: v for k, v in a.net.state_dict().items() if not k.startswith("fc.")}, strict=False)
+    for m in (a, b):  # make the deltas non-trivial
+        with _torch.no_grad():
+            for n, p in m.net.named_parameters():
+                if p.requires_grad:
+                    p.add_(_torch.randn_like(p) * 0.05)
+    save_delta(a, tmp_path / "a.safetensors")
+    save_delta(b, tmp_path / "b.safetensors")
+    x = _torch.randn(2, 3, 32, 32)
+    a.eval(), b.eval()
+    with _torch.no_grad():
+        want_a, want_b = a(x), b(x)
+    host = TransferClassifier("resnet18", weights=None, num_classes=3, strategy="lora", strategy_args={"rank": 2})
+    host.net.load_state_dict({k: v for k, v in a.net.state_dict().items()})
+    host.add_task("a", str(tmp_path / "a.safetensors"))
+    host.add_task("b", str(tmp_path / "b.safetensors"))
+    host.eval()
+    host.use_task("b")
+    with _torch.no_grad():
+        _torch.testing.assert_close(host(x), want_b)
+    assert host.metrics["val"]["acc"].num_classes == 5
+    host.use_task("a")
+    with _torch.no_grad():
+        _torch.testing.assert_close(host(x), want_a)
+    assert host.metrics["val"]["acc"].num_classes == 3

@@ -163,14 +163,7 @@ class TransferClassifier(L.LightningModule):
             self.class_names = [str(i) for i in range(num_classes)]
         self.hparams["class_names"] = list(self.class_names)
         self.hparams["num_classes"] = num_classes
-        self.metrics = nn.ModuleDict({
-            stage: nn.ModuleDict({
-                "acc": MulticlassAccuracy(num_classes, average="micro"),
-                "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-                "confusion": MulticlassConfusionMatrix(num_classes),
-            })
-            for stage in ("val", "test")
-        })
+        self.metrics = _make_metrics(num_classes)
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -409,6 +402,35 @@ class TransferClassifier(L.LightningModule):
         if trainer is not None and trainer.state.fn == "fit" and trainer.world_size == 1:
             restore_rng_state(checkpoint.get("visiontune_rng"))  # per-process state: single process only
 
+    # ------------------------------------------------------------------ several tasks on one base
+    def add_task(self, name: str, path: str, *, strict: bool = True) -> dict[str, Any]:
+        """Register a task delta (``.safetensors``) under ``name`` without touching the active weights.
+
+        Example:
+            >>> model.add_task("birds", "birds.safetensors"); model.use_task("birds")  # doctest: +SKIP
+        """
+        from .tasks import add_task
+
+        return add_task(self, name, path, strict=strict)
+
+    def use_task(self, name: Optional[str]) -> None:
+        """Switch the active task in place (``None`` = the base); no reload of the base weights."""
+        from .tasks import use_task
+
+        use_task(self, name)
+        self._rebuild_metrics()
+
+    def merge_task(self, name: Optional[str] = None) -> nn.Module:
+        """A copy of the network with the task's LoRA merged in: zero-overhead inference / ONNX export."""
+        from .tasks import merge_task
+
+        return merge_task(self, name)
+
+    def _rebuild_metrics(self) -> None:
+        n = self.net.get_classifier().out_features
+        if n != self.metrics["val"]["acc"].num_classes:
+            self.metrics = _make_metrics(n)
+
     @classmethod
     def load(cls, path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> "TransferClassifier":
         """Load a checkpoint without fetching backbone weights again (they are in the checkpoint).
@@ -427,6 +449,18 @@ def _is_number(x: Any) -> bool:
 
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _make_metrics(num_classes: int) -> nn.ModuleDict:
+    """Accuracy, macro-F1 and confusion matrix for the val and test stages (synced under DDP)."""
+    return nn.ModuleDict({
+        stage: nn.ModuleDict({
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+            "confusion": MulticlassConfusionMatrix(num_classes),
+        })
+        for stage in ("val", "test")
+    })
 
 
 def _check(ok: bool, option: str, message: str) -> None:
