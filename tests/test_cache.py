@@ -18,15 +18,6 @@ from visiontune.cache import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two stall on a busy shared 2-core machine (BENCHMARKS.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _arrays(n: int = 36, classes: int = 3, side: int = 20, seed: int = 0):
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % classes

@@ -8,21 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 import visiontune.compare as cmp
 from visiontune.compare import CSV_COLUMNS, compare, compare_main, load_compare_config, parse_strategies
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; two stall on a busy shared 2-core machine (BENCHMARKS.md)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _data() -> dict:

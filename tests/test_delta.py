@@ -28,15 +28,6 @@ from visiontune.strategies.sparse import calibrate_sparse, sparse_masks
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors (32 px): one thread is as fast, and immune to OpenMP spin-waits on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def lite(strategy: str = "lora", n: int = 3, seed: int = 0, **opts) -> nn.Module:
     torch.manual_seed(seed)
     net = timm.create_model("tf_efficientnet_lite0", num_classes=3)

@@ -22,15 +22,6 @@ from visiontune.semisup import FixMatchConfig  # noqa: E402
 FULL_STATE = dict(threshold=0.6, mu=2, ema=0.9, distribution_alignment=True, class_thresholds="flexmatch")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine two spinning OpenMP threads are many times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def digit_arrays():
     s = digits()

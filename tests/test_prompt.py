@@ -20,15 +20,6 @@ HEAD = DIM * NUM_CLASSES + NUM_CLASSES
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: intra-op threads contend with other processes (a 100x slowdown was measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=None)
 def _base(global_pool: str = "token", reg_tokens: int = 0) -> nn.Module:
     torch.manual_seed(0)

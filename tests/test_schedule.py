@@ -36,15 +36,6 @@ ROOT = Path(__file__).resolve().parents[1]
 VIT = {"img_size": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast alone and ~10x faster on a shared, loaded 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ---------------------------------------------------------------------------------------------- helpers
 def _loader(n: int = 24, batch: int = 8, seed: int = 0) -> DataLoader:
     g = torch.Generator().manual_seed(seed)

@@ -29,15 +29,6 @@ HEAD_NAME = {"vit": "head", "resnet18": "fc", "lite0": "classifier"}
 HEAD_SIZE = {"vit": 192 * 5 + 5, "resnet18": 512 * 5 + 5, "lite0": 1280 * 5 + 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two shared cores: intra-op threads contend with other processes (a 100x slowdown was measured).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @functools.lru_cache(maxsize=None)
 def _base(kind: str) -> nn.Module:
     torch.manual_seed(0)

@@ -28,15 +28,6 @@ CLASSES = ["a", "b", "c"]
 _BN = nn.modules.batchnorm._BatchNorm
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors (32 px): one thread is as fast, and immune to OpenMP spin-waits on a shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # ------------------------------------------------------------------------------------------ backbones
 def vit() -> nn.Module:
     # vit_tiny at 32 px with 8-px patches (16 tokens), 4 blocks: the real architecture, fast on 2 cores

@@ -160,24 +160,6 @@ def _save_delta(model: Any, path: Path, bn_before: Mapping[str, Any]) -> Path:
     return atomic_save_safetensors(tensors, path, meta)
 
 
-def _plain(value: Any, digest: bool) -> Any:
-    """JSON-able form of settings: arrays become a content hash (fingerprint) or a short description."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v, digest) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v, digest) for v in value]
-    if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy array / tensor
-        import numpy as np
-
-        a = np.ascontiguousarray(np.asarray(value))
-        if digest:
-            return f"array:{a.shape}:{a.dtype}:{hashlib.sha256(a.tobytes()).hexdigest()}"
-        return f"<array {tuple(a.shape)} {a.dtype}>"
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
-
-
 def _fingerprint(settings: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(_plain(settings, True), sort_keys=True).encode()).hexdigest()[:16]
 

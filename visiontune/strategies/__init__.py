@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import importlib
 
-from .base import (
+from . import base as _base
+from .base import (  # noqa: F401  (re-exported)
     Strategy,
     StrategyConfig,
     StrategyError,
@@ -37,17 +38,4 @@ def _load_builtins() -> None:
                 raise
 
 
-__all__ = [
-    "Strategy",
-    "StrategyConfig",
-    "StrategyError",
-    "apply_strategy",
-    "available_strategies",
-    "check_positive",
-    "delta_parameter_names",
-    "get_strategy",
-    "head_parameter_names",
-    "make_strategy_config",
-    "register_strategy",
-    "trainable_parameter_count",
-]
+__all__ = list(_base.__all__)
