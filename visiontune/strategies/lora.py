@@ -49,6 +49,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StrategyConfig, StrategyError, register_strategy
+from .quant import (
+    _BITS,
+    QuantizedConv2d,
+    QuantizedLinear,
+    _conv,
+    _conv_is_supported,
+    _is_same_pad,
+    _QuantizedBase,
+)
 
 __all__ = [
     "LoRAConfig",
@@ -71,8 +80,6 @@ __all__ = [
 
 _INITS = ("zero", "gaussian")
 _CONV_GROUPS = ("per_group", "refuse")
-_BITS = (4, 8)
-_NF4_BLOCK = 64
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -178,174 +185,6 @@ class QLoRAConfig(LoRAConfig):
         super().__post_init__()
         if isinstance(self.bits, bool) or self.bits not in _BITS:
             raise StrategyError(f"option 'bits' of strategy 'qlora' must be one of {list(_BITS)}, got {self.bits!r}")
-
-
-# ------------------------------------------------------------------------------------ conv helpers
-def _conv_is_supported(conv: nn.Conv2d) -> bool:
-    """Plain ``nn.Conv2d`` forward, or timm's dynamic-'same' ``Conv2dSame``: both are reproducible here."""
-    return type(conv).forward is nn.Conv2d.forward or _is_same_pad(conv)
-
-
-def _is_same_pad(conv: nn.Module) -> bool:
-    if isinstance(conv, QuantizedConv2d):
-        return conv.same_pad
-    try:
-        from timm.layers import Conv2dSame
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return False
-    return isinstance(conv, Conv2dSame)
-
-
-def _conv(conv: nn.Module, same_pad: bool, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
-    """Convolve like ``conv`` (stride, padding, dilation, padding mode, TF 'same') with another weight."""
-    if same_pad:
-        pads = []
-        for size, k, s, d in zip(x.shape[-2:], conv.kernel_size, conv.stride, conv.dilation):
-            p = max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0)
-            pads.append((p // 2, p - p // 2))
-        x = F.pad(x, (*pads[1], *pads[0]))
-        return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, groups)
-    if conv.padding_mode != "zeros":
-        x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
-        return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, groups)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
-
-
-# ------------------------------------------------------------------------------------ quantization
-def _nf4_codebook() -> Tensor:
-    """The 16 NF4 levels (QLoRA paper): normal quantiles, exact zero, scaled to [-1, 1]."""
-    offset = 0.9677083
-    pos = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
-    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
-    levels = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
-    return (levels / levels.abs().max()).float()
-
-
-class _QuantizedBase(nn.Module):
-    """Holds a frozen weight as int8 codes + per-channel scales, or packed NF4 codes + block absmax."""
-
-    def _store(self, weight: Tensor, bits: int) -> None:
-        if bits not in _BITS:
-            raise StrategyError(f"quantization to {bits} bits is not supported; use one of {list(_BITS)}")
-        self.bits = bits
-        self.weight_shape = tuple(weight.shape)
-        self.weight_dtype = weight.dtype
-        w = weight.detach().float()
-        if not torch.isfinite(w).all():
-            raise StrategyError("cannot quantize a weight holding NaN/inf")
-        if bits == 8:
-            rows = w.reshape(w.shape[0], -1)
-            scale = rows.abs().amax(dim=1) / 127.0
-            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-            self.register_buffer("weight_q", torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8))
-            self.register_buffer("weight_scale", scale)
-            return
-        flat = w.reshape(-1)
-        flat = F.pad(flat, (0, (-flat.numel()) % _NF4_BLOCK)).view(-1, _NF4_BLOCK)
-        absmax = flat.abs().amax(dim=1)
-        absmax = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        code = _nf4_codebook().to(w.device)
-        idx = torch.bucketize(flat / absmax[:, None], (code[1:] + code[:-1]) / 2).reshape(-1).to(torch.uint8)
-        self.register_buffer("weight_q", (idx[0::2] << 4) | idx[1::2])  # two 4-bit codes per byte
-        self.register_buffer("weight_scale", absmax)
-        self.register_buffer("nf4_code", code, persistent=False)
-
-    def dequantized_weight(self) -> Tensor:
-        """The frozen weight in float (its original dtype and shape), rebuilt from the codes."""
-        if self.bits == 8:
-            w = self.weight_q.to(self.weight_scale.dtype) * self.weight_scale[:, None]
-        else:
-            idx = torch.stack([self.weight_q >> 4, self.weight_q & 15], dim=-1).reshape(-1, _NF4_BLOCK).long()
-            w = (self.nf4_code[idx] * self.weight_scale[:, None]).reshape(-1)[: math.prod(self.weight_shape)]
-        return w.reshape(self.weight_shape).to(self.weight_dtype)
-
-
-class QuantizedLinear(_QuantizedBase):
-    """A frozen ``nn.Linear`` whose weight is stored quantized and dequantised in ``forward``.
-
-    Args:
-        linear: the layer to quantize (its bias is kept, frozen, in float).
-        bits: 8 (int8 per output channel) or 4 (NF4 blocks of 64).
-
-    Example:
-        >>> q = QuantizedLinear(nn.Linear(64, 32), bits=8)
-        >>> q(torch.randn(2, 64)).shape
-        torch.Size([2, 32])
-    """
-
-    def __init__(self, linear: nn.Linear, bits: int = 8) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._store(linear.weight, bits)
-        self.bias = linear.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized_weight(), self.bias)
-
-    def to_float(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the dequantised weight."""
-        w = self.dequantized_weight()
-        out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            out.weight.copy_(w)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out.requires_grad_(False)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
-
-
-class QuantizedConv2d(_QuantizedBase):
-    """A frozen ``nn.Conv2d`` (or timm ``Conv2dSame``) whose weight is stored quantized.
-
-    Args:
-        conv: the layer to quantize; stride, padding (incl. TF 'same'), dilation and groups are kept.
-        bits: 8 (int8 per output channel) or 4 (NF4 blocks of 64).
-
-    Example:
-        >>> q = QuantizedConv2d(nn.Conv2d(8, 16, 3, padding=1), bits=8)
-        >>> q(torch.randn(1, 8, 5, 5)).shape
-        torch.Size([1, 16, 5, 5])
-    """
-
-    def __init__(self, conv: nn.Conv2d, bits: int = 8) -> None:
-        super().__init__()
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
-                     "padding_mode", "_reversed_padding_repeated_twice"):
-            setattr(self, attr, getattr(conv, attr))
-        self.same_pad = _is_same_pad(conv)
-        self._store(conv.weight, bits)
-        self.bias = conv.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return _conv(self, self.same_pad, x, self.dequantized_weight(), self.bias, self.groups)
-
-    def to_float(self) -> nn.Conv2d:
-        """A plain conv (timm ``Conv2dSame`` where the original was one) holding the dequantised weight."""
-        w = self.dequantized_weight()
-        kw = dict(stride=self.stride, dilation=self.dilation, groups=self.groups, bias=self.bias is not None,
-                  device=w.device, dtype=w.dtype)
-        if self.same_pad:
-            from timm.layers import Conv2dSame
-
-            out: nn.Conv2d = Conv2dSame(self.in_channels, self.out_channels, self.kernel_size, **kw)
-        else:
-            out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
-                            padding_mode=self.padding_mode, **kw)
-        with torch.no_grad():
-            out.weight.copy_(w)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out.requires_grad_(False)
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"groups={self.groups}, bits={self.bits}")
 
 
 # -------------------------------------------------------------------------------------- LoRA layers
