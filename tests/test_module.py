@@ -137,3 +137,12 @@ def test_sparse_gradient_masks_are_calibrated_before_training():
     assert any(not torch.equal(before[k], after[k]) for k in before)  # the gradient score chose others
     s = model.parameter_summary()
     assert s["trainable_params"] == sum(int(m.sum()) for m in after.values()) + 512 * 3 + 3
+
+
+def test_every_public_name_resolves_from_the_top_level():
+    import visiontune as vt
+
+    assert {"TransferClassifier", "ImageDataModule", "LoRAConfig", "FixMatchConfig", "GradualUnfreeze",
+            "save_delta", "build_from_delta", "compare", "expand_classes"} <= set(vt.__all__)
+    for name in vt.__all__:
+        assert getattr(vt, name) is not None, name

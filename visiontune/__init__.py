@@ -39,8 +39,6 @@ _EXPORTS: dict[str, str] = {
     "main": "cli",
 }
 
-__all__ = sorted([*_EXPORTS, "__version__"])
-
 
 def _optional_exports() -> None:
     """Exports of modules that may not exist in every build (added by later features)."""
@@ -64,6 +62,7 @@ def _optional_exports() -> None:
 
 
 _optional_exports()
+__all__ = sorted([*_EXPORTS, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
