@@ -22,7 +22,7 @@ The datamodule asks the model for its label order (:meth:`ClassExpansion.label_o
 validation and test labels all index ``old + new``.
 
 Example:
-    >>> model = TransferClassifier("tf_efficientnet_lite0", weights=None, strategy="full", bn="eval",
+    >>> model = TransferClassifier("tf_efficientnet_lite0", weights=None, strategy="full", bn="train",
     ...                            init_from="runs/birds/last.ckpt",
     ...                            class_expansion=ClassExpansionConfig(distill=1.0))  # doctest: +SKIP
     >>> data = ImageDataModule(train="new_species", val="val", unlabeled="unlabeled")  # doctest: +SKIP
