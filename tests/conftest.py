@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import os
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -50,3 +52,25 @@ def image_csv(tmp_path: Path) -> Path:
     csv = tmp_path / "labels.csv"
     csv.write_text("\n".join(lines) + "\n")
     return csv
+
+
+TINY_MODELS = {
+    "vit": ("vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8}),
+    "resnet18": ("resnet18", {}),
+    "lite0": ("tf_efficientnet_lite0", {}),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_base(kind: str, num_classes: int = 5) -> torch.nn.Module:
+    """A seeded, random-init tiny timm model in eval mode (cached: copy it before changing it)."""
+    import timm
+
+    torch.manual_seed(0)
+    name, kwargs = TINY_MODELS[kind]
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, **kwargs).eval()
+
+
+def tiny_model(kind: str, num_classes: int = 5) -> torch.nn.Module:
+    """A fresh copy of :func:`tiny_base`."""
+    return copy.deepcopy(tiny_base(kind, num_classes))

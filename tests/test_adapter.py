@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import functools
 
 import pytest
-import timm
 import torch
 from torch import nn
 
+from conftest import tiny_base, tiny_model
 from visiontune.groups import depth_groups
 from visiontune.strategies import (
     StrategyError,
@@ -31,22 +30,12 @@ HEAD_IN = {"vit": 192, "resnet18": 512, "lite0": 1280}
 HEAD_NAME = {"vit": "head", "resnet18": "fc", "lite0": "classifier"}
 
 
-@functools.lru_cache(maxsize=None)
 def _base(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "vit":
-        m = timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=NUM_CLASSES
-        )
-    elif kind == "resnet18":
-        m = timm.create_model("resnet18", pretrained=False, num_classes=NUM_CLASSES)
-    else:
-        m = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=NUM_CLASSES)
-    return m.eval()
+    return tiny_base(kind, NUM_CLASSES)
 
 
 def model(kind: str) -> nn.Module:
-    return copy.deepcopy(_base(kind))
+    return tiny_model(kind, NUM_CLASSES)
 
 
 def _adapter_params(c: int, h: int) -> int:

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import copy
-import functools
 import math
 
 import pytest
-import timm
+import copy
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import tiny_base, tiny_model
 from visiontune.strategies import StrategyError, apply_strategy, make_strategy_config
 from visiontune.strategies.sparse import (
     apply_sparse_delta,
@@ -29,22 +28,12 @@ HEAD_NAME = {"vit": "head", "resnet18": "fc", "lite0": "classifier"}
 HEAD_SIZE = {"vit": 192 * 5 + 5, "resnet18": 512 * 5 + 5, "lite0": 1280 * 5 + 5}
 
 
-@functools.lru_cache(maxsize=None)
 def _base(kind: str) -> nn.Module:
-    torch.manual_seed(0)
-    if kind == "vit":
-        m = timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=NUM_CLASSES
-        )
-    elif kind == "resnet18":
-        m = timm.create_model("resnet18", pretrained=False, num_classes=NUM_CLASSES)
-    else:
-        m = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=NUM_CLASSES)
-    return m.eval()
+    return tiny_base(kind, NUM_CLASSES)
 
 
 def model(kind: str) -> nn.Module:
-    return copy.deepcopy(_base(kind))
+    return tiny_model(kind, NUM_CLASSES)
 
 
 def _keep(numel: int, fraction: float) -> int:

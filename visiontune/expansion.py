@@ -32,7 +32,6 @@ Example:
 from __future__ import annotations
 
 import copy
-import dataclasses
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
@@ -58,15 +57,9 @@ def as_expansion_config(
         >>> as_expansion_config({"distill": 0.5}).distill
         0.5
     """
-    if value is None or isinstance(value, ClassExpansionConfig):
-        return value
-    if not isinstance(value, Mapping):
-        raise ValueError(f"model.class_expansion must be a ClassExpansionConfig or a mapping, got {type(value).__name__}")
-    known = [f.name for f in dataclasses.fields(ClassExpansionConfig)]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ValueError(f"model.class_expansion: unknown option(s) {unknown}; known: {', '.join(known)}")
-    return ClassExpansionConfig(**dict(value))
+    from .options import coerce_config
+
+    return coerce_config(value, ClassExpansionConfig, "model.class_expansion")
 
 
 def _key(name: str) -> str:

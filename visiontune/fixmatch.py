@@ -76,15 +76,9 @@ def as_fixmatch_config(value: Union[FixMatchConfig, Mapping[str, Any], None]) ->
         ...
         ValueError: model.semi_supervised: unknown option(s) ['treshold']; known: threshold, mu, lambda_u, temperature, hard_labels, warmup_steps, ema, distribution_alignment, class_thresholds, bn
     """
-    if value is None or isinstance(value, FixMatchConfig):
-        return value
-    if not isinstance(value, Mapping):
-        raise ValueError(f"model.semi_supervised must be a FixMatchConfig or a mapping, got {type(value).__name__}")
-    known = [f.name for f in dataclasses.fields(FixMatchConfig)]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ValueError(f"model.semi_supervised: unknown option(s) {unknown}; known: {', '.join(known)}")
-    return FixMatchConfig(**dict(value))
+    from .options import coerce_config
+
+    return coerce_config(value, FixMatchConfig, "model.semi_supervised")
 
 
 def ema_decay(cfg_decay: float, num_updates: int) -> float:
