@@ -74,3 +74,25 @@ def tiny_base(kind: str, num_classes: int = 5) -> torch.nn.Module:
 def tiny_model(kind: str, num_classes: int = 5) -> torch.nn.Module:
     """A fresh copy of :func:`tiny_base`."""
     return copy.deepcopy(tiny_base(kind, num_classes))
+
+
+@torch.no_grad()
+def perturb_delta(net: torch.nn.Module, seed: int, *, stats: bool = True, var: bool = False) -> None:
+    """Move every tensor a task delta holds, as training would (sparse: inside the masks only).
+
+    ``stats`` also moves BatchNorm running means (``var``: and variances), so a delta round trip that
+    forgot them cannot pass.
+    """
+    from visiontune.strategies.sparse import sparse_masks
+
+    g = torch.Generator().manual_seed(seed)
+    masks = sparse_masks(net)
+    for name, p in net.named_parameters():
+        if name in net.visiontune_delta:
+            noise = torch.randn(p.shape, generator=g) * 0.05
+            p.add_(noise * masks[name] if name in masks else noise)
+    for m in net.modules():
+        if stats and isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            if var:
+                m.running_var.mul_(1 + torch.rand(m.running_var.shape, generator=g))

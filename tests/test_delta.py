@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import visiontune
+from conftest import perturb_delta
 from visiontune.delta import (
     DeltaError,
     TaskBank,
@@ -23,7 +24,7 @@ from visiontune.delta import (
 )
 from visiontune.strategies import apply_strategy
 from visiontune.strategies.lora import lora_layers, merge
-from visiontune.strategies.sparse import calibrate_sparse, sparse_masks
+from visiontune.strategies.sparse import calibrate_sparse
 
 X = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
@@ -44,18 +45,9 @@ def tiny_vit(strategy: str = "lora", n: int = 3, seed: int = 0, **opts) -> nn.Mo
     return net
 
 
-@torch.no_grad()
 def train_like(net: nn.Module, seed: int, stats: bool = True) -> nn.Module:
     """Move the delta tensors (sparse: inside the masks) and BatchNorm statistics, as training would."""
-    g = torch.Generator().manual_seed(seed)
-    masks = sparse_masks(net)
-    for name, p in net.named_parameters():
-        if name in net.visiontune_delta:
-            noise = torch.randn(p.shape, generator=g) * 0.05
-            p.add_(noise * masks[name] if name in masks else noise)
-    for m in net.modules():
-        if stats and isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+    perturb_delta(net, seed, stats=stats)
     return net.eval()
 
 

@@ -18,6 +18,7 @@ import timm
 import torch
 from torch import nn
 
+from conftest import perturb_delta
 from visiontune.delta import TaskBank, delta_from_file, load_delta, save_delta
 from visiontune.strategies import StrategyError, apply_strategy, available_strategies, trainable_parameter_count
 from visiontune.strategies.lora import merge, merge_and_unload, unmerge
@@ -150,19 +151,9 @@ def build(case: Case, seed: int = 0) -> nn.Module:
     return net
 
 
-@torch.no_grad()
 def perturb(net: nn.Module, seed: int) -> None:
     """Move every tensor the delta holds (sparse: only entries inside the masks; BN statistics too)."""
-    g = torch.Generator().manual_seed(seed)
-    masks = sparse_masks(net)
-    for name, p in net.named_parameters():
-        if name in net.visiontune_delta:
-            noise = torch.randn(p.shape, generator=g) * 0.05
-            p.add_(noise * masks[name] if name in masks else noise)
-    for m in net.modules():
-        if isinstance(m, _BN):
-            m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.mul_(1 + torch.rand(m.running_var.shape, generator=g))
+    perturb_delta(net, seed, var=True)
 
 
 def _x(seed: int = 0) -> torch.Tensor:
