@@ -17,6 +17,7 @@ from visiontune.classes import (
     expand_head,
     freeze_rows,
     imprint_weights,
+    new_accuracy_at,
     split_accuracy,
 )
 
@@ -207,6 +208,9 @@ def test_class_expansion_config_validation():
         ClassExpansionConfig(temperature=0.0)
     with pytest.raises(ValueError, match=r"ClassExpansionConfig\.freeze_old_rows must be a bool"):
         ClassExpansionConfig(freeze_old_rows=1)
+    with pytest.raises(ValueError, match=r"ClassExpansionConfig\.replay must be a bool"):
+        ClassExpansionConfig(replay="yes")
+    assert ClassExpansionConfig().replay is True
 
 
 def test_split_accuracy():
@@ -218,3 +222,36 @@ def test_split_accuracy():
     assert split_accuracy(logits, labels, old_classes=2) == out
     only_old = split_accuracy(torch.tensor([0]), torch.tensor([0]), old_classes=2)
     assert only_old["acc_old"] == 1.0 and math.isnan(only_old["acc_new"])
+
+
+def test_new_accuracy_at_matches_a_brute_force_offset_search():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(200, 5) * 2, torch.randint(0, 5, (200,))
+    logits[labels >= 3, 3:] += 1.5  # new classes somewhat separable
+    for target in (0.0, 0.1, 0.2, 0.3):
+        out = new_accuracy_at(logits, labels, old_classes=3, acc_old=target)
+        shifted = logits.clone()
+        shifted[:, 3:] -= out["offset"] + 1e-5 if math.isfinite(out["offset"]) else -1e6  # target 0: all new
+        split = split_accuracy(shifted, labels, old_classes=3)
+        assert out["acc_old"] == split["acc_old"] >= target and out["acc_new"] == split["acc_new"]
+        if target > 0:  # any smaller offset (the next margin down) misses the target
+            smaller = logits.clone()
+            smaller[:, 3:] -= out["offset"] - 1e-4
+            assert split_accuracy(smaller, labels, old_classes=3)["acc_old"] < target
+    # a model that calls everything "new" has high raw new accuracy and none once old accuracy is required
+    everything_new = F.one_hot(torch.tensor([3, 3, 4, 3]), 5).float() * 10
+    everything_new[:, 0] = 5  # its best old class is class 0, right for the first two images
+    out = new_accuracy_at(everything_new, torch.tensor([0, 0, 4, 3]), old_classes=3, acc_old=1.0)
+    assert out == {"offset": 5.0, "acc_old": 1.0, "acc_new": 0.0}
+
+
+def test_new_accuracy_at_refuses_unreachable_targets_and_bad_shapes():
+    logits = torch.tensor([[0.0, 1.0, 2.0], [1.0, 0.0, 2.0], [0.0, 0.0, 3.0]])
+    with pytest.raises(ValueError, match=r"acc_old=1.0 is out of reach: only 1/2 old samples"):
+        new_accuracy_at(logits, torch.tensor([0, 0, 2]), old_classes=2, acc_old=1.0)
+    with pytest.raises(ValueError, match="need samples of both old and new classes"):
+        new_accuracy_at(logits, torch.tensor([0, 0, 1]), old_classes=2, acc_old=0.5)
+    with pytest.raises(ValueError, match=r"old_classes must be in \[1, 3\)"):
+        new_accuracy_at(logits, torch.tensor([0, 0, 2]), old_classes=3, acc_old=0.5)
+    with pytest.raises(ValueError, match=r"acc_old must be in \[0, 1\]"):
+        new_accuracy_at(logits, torch.tensor([0, 0, 2]), old_classes=2, acc_old=1.5)

@@ -14,9 +14,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from visiontune import ImageDataModule, TransferClassifier  # noqa: E402
-from visiontune.classes import ClassExpansionConfig  # noqa: E402
+from visiontune.classes import ClassExpansionConfig, new_accuracy_at, split_accuracy  # noqa: E402
 from visiontune.data.sources import DataError, digits, stratified_split  # noqa: E402
-from visiontune.fixmatch import FixMatchState, anchor_old_classes, as_fixmatch_config  # noqa: E402
+from visiontune.fixmatch import FixMatchState, anchor_old_classes, as_fixmatch_config, confident_old  # noqa: E402
 from visiontune.semisup import FixMatchConfig  # noqa: E402
 
 FULL_STATE = dict(threshold=0.6, mu=2, ema=0.9, distribution_alignment=True, class_thresholds="flexmatch")
@@ -235,24 +235,63 @@ def test_expansion_refuses_bad_input_before_training(old_checkpoint, digit_array
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("replay", [True, False])
+def test_replay_puts_confident_old_pool_images_into_the_supervised_batch(old_checkpoint, digit_arrays, replay):
+    path, keep, test, _ = old_checkpoint
+    x, y = digit_arrays
+    L.seed_everything(0)
+    model = TransferClassifier("tf_efficientnet_lite0", weights=None, strategy="full", lr=1e-4, init_from=str(path),
+                               class_expansion=ClassExpansionConfig(replay=replay),
+                               semi_supervised=FixMatchConfig(threshold=0.9, mu=2))
+    dm = _expansion_data(x, y, keep, test, k=3)
+    expected, seen = [], []
+
+    class Spy(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            pl_module.net.register_forward_hook(lambda m, i, o: seen.append((i[0].shape[0], torch.is_grad_enabled())))
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            x_w = batch["unlabeled"][0]
+            mask, _ = confident_old(pl_module._expansion.old_logits(x_w), 0.9)
+            expected.append(len(batch["labeled"][1]) + int(mask.sum()) * replay + len(x_w))
+
+    trainer = _trainer(3, log_every_n_steps=1)
+    trainer.callbacks.append(Spy())
+    trainer.fit(model, dm)
+    with_grad = [n for n, g in seen if g]
+    assert with_grad == expected  # labeled + replayed + strong, in one forward with gradients
+    assert any(e > 6 + 12 for e in expected) == replay  # some pool images were confident, and replayed
+    assert ("train_replay" in trainer.callback_metrics) == replay
+
+
+def _val_logits(model: TransferClassifier, dm: ImageDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    model.eval()
+    with torch.no_grad():
+        pairs = [(model.net(xb), yb) for xb, yb in dm.val_dataloader()]
+    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+
+@pytest.mark.slow
 def test_fixmatch_adds_classes_better_than_labeled_only(old_checkpoint, digit_arrays):
     """Digits 0-7 model + digits 8 and 9 with 5 labels each + the rest of the training images unlabeled.
 
-    Labeled-only fine-tuning sees images of the new classes only and drifts old images into them; FixMatch
-    learns the new classes from the pool as well, and its pool pseudo-labels are anchored by the frozen
-    old model. Measured (40 steps, seed 0): labeled-only old/new 0.74/0.56, FixMatch 0.81/0.75 (base 0.95).
-    The issue's "old classes drop <= 2 points" is not reached by these short runs (see the report).
+    The issue's bar: old-class accuracy drops <= 2 points, and FixMatch beats labeled-only on the new classes
+    by >= 10 points. Labeled-only training sees new-class images only and ends up calling most old images new
+    (old-class accuracy 0.16 at these settings), which inflates its raw new-class accuracy; so its new-class
+    accuracy is taken at FixMatch's old-class accuracy (:func:`new_accuracy_at`: one offset on the new
+    logits, chosen on the test labels, in the baseline's favour). Measured (100 steps, lr 5e-4):
+    FixMatch old/new 0.965/0.698 (seed 0), 0.963/0.670 (seed 1); base 0.954.
     """
     path, keep, test, base = old_checkpoint
     x, y = digit_arrays
-    steps = int(os.environ.get("VT_EXPAND_STEPS", 40))
+    steps = int(os.environ.get("VT_EXPAND_STEPS", 100))
     assert base > 0.9
-    for seed in (0, 1):  # the margin must hold for each seed (labeled images, augmentation, init)
-        results = {}
+    for seed in (0, 1):  # the margins must hold for each seed (labeled images, augmentation, init)
+        results, logits = {}, {}
         for fixmatch in (False, True):
             L.seed_everything(seed)
             model = TransferClassifier(
-                "tf_efficientnet_lite0", weights=None, strategy="full", bn="train", lr=1e-4, init_from=str(path),
+                "tf_efficientnet_lite0", weights=None, strategy="full", bn="train", lr=5e-4, init_from=str(path),
                 class_expansion=ClassExpansionConfig(distill=1.0),
                 semi_supervised=FixMatchConfig(threshold=0.95, mu=3) if fixmatch else None)
             dm = _expansion_data(x, y, keep, test, seed=seed, pool=fixmatch)
@@ -262,9 +301,14 @@ def test_fixmatch_adds_classes_better_than_labeled_only(old_checkpoint, digit_ar
                 assert 0 < float(trainer.callback_metrics["train_mask_rate"]) <= 1
                 assert float(trainer.callback_metrics["train_pseudo_acc"]) > 0.8  # anchored pseudo-labels are right
             results[fixmatch] = trainer.validate(model, dm, verbose=False)[0]
-        print(f"seed {seed} base {base:.3f}",
-              {k: {m: round(v, 3) for m, v in r.items() if "acc" in m} for k, r in results.items()})
+            logits[fixmatch] = _val_logits(model, dm)
         fm, sup = results[True], results[False]
-        assert fm["val_acc_new"] > sup["val_acc_new"] + 0.1
-        assert fm["val_acc_old"] > sup["val_acc_old"]
-        assert fm["val_acc"] > sup["val_acc"] + 0.05
+        sup_logits, labels = logits[False]
+        reachable = split_accuracy(sup_logits[:, :8], labels, old_classes=8)["acc_old"]  # no new class predicted
+        matched = new_accuracy_at(sup_logits, labels, old_classes=8, acc_old=min(fm["val_acc_old"], reachable))
+        print(f"seed {seed} base {base:.3f}", {k: {m: round(v, 3) for m, v in r.items() if "acc" in m}
+                                               for k, r in results.items()}, "labeled-only matched", matched,
+              "reachable", reachable)
+        assert fm["val_acc_old"] >= base - 0.02  # old classes kept
+        assert fm["val_acc_new"] >= matched["acc_new"] + 0.10  # new classes: FixMatch well ahead at equal old acc
+        assert fm["val_acc"] > sup["val_acc"] + 0.3  # labeled-only trades the old classes for the new ones

@@ -48,6 +48,7 @@ def _optional_exports() -> None:
         "AdapterConfig": "strategies.adapter", "VPTConfig": "strategies.prompt",
         "SparseConfig": "strategies.sparse",
         "FixMatchConfig": "semisup", "expand_classes": "classes", "ClassExpansionConfig": "classes",
+        "split_accuracy": "classes", "new_accuracy_at": "classes",
         "FixMatchState": "fixmatch", "ClassExpansion": "expansion",
         "save_delta": "delta", "load_delta": "delta", "build_from_delta": "delta",
         "delta_from_file": "delta", "DeltaError": "delta", "DeltaWriter": "delta_writer",

@@ -277,15 +277,27 @@ def check_readable(pool: Any, max_failures: int = 20) -> None:
     raise DataError([f"none of the {len(failures)} unlabeled images can be read"] + shown, "data.unlabeled")
 
 
+def confident_old(old_logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """Which images the frozen old model is confident about (``max p >= threshold``), and its class for each.
+
+    Example:
+        >>> mask, cls = confident_old(torch.tensor([[9.0, 0.0], [0.1, 0.0]]), 0.95)
+        >>> mask.tolist(), cls.tolist()
+        ([True, False], [0, 0])
+    """
+    conf, cls = torch.softmax(old_logits.detach().float(), dim=-1).max(dim=-1)
+    return conf >= threshold, cls
+
+
 def anchor_old_classes(weak_logits: Tensor, old_logits: Tensor, threshold: float) -> Tensor:
     """Weak logits where the frozen old model's confident old-class predictions win.
 
     When adding classes, the grown model starts with new head rows that are not calibrated against the
     old ones, so its first confident pseudo-labels put many old-class images into new classes, and
     FixMatch would reinforce that. The old model, confident (``max p >= threshold``) on an unlabeled image,
-    is right about old classes nearly always (and rarely confident on images of classes it never saw):
-    those images get its class as a certain pseudo-label (a one-hot logit row), the others keep the
-    model's own. This is what keeps old classes from drifting into new ones on a mixed unlabeled pool.
+    is right about old classes nearly always (measured on digits at 0.95: every such old-class image
+    right, and 9% of the new-class images wrongly claimed): those images get its class as a certain
+    pseudo-label (a one-hot logit row), the others keep the model's own.
 
     Example:
         >>> weak = torch.tensor([[0.0, 0.0, 5.0], [0.0, 0.0, 5.0]])
@@ -293,9 +305,7 @@ def anchor_old_classes(weak_logits: Tensor, old_logits: Tensor, threshold: float
         >>> anchor_old_classes(weak, old, 0.95).argmax(1).tolist()
         [0, 2]
     """
-    p = torch.softmax(old_logits.detach().float(), dim=-1)
-    conf, cls = p.max(dim=-1)
-    anchored = conf >= threshold
+    anchored, cls = confident_old(old_logits, threshold)
     if not bool(anchored.any()):
         return weak_logits
     onehot = torch.full_like(weak_logits, -1e4)
@@ -309,7 +319,16 @@ def training_step(module: "TransferClassifier", batch: Any) -> Tensor:
     Logged every step: ``train_loss``, ``train_acc`` (labeled batch), ``train_sup_loss``; with FixMatch
     ``train_unsup_loss`` (unweighted), ``train_unsup_weight``, ``train_mask_rate``, and, when the pool's
     true labels are known (``unlabeled: rest``), ``train_pseudo_acc`` (confident pseudo-labels) and
-    ``train_pseudo_acc_all`` (all of them); with expansion ``train_distill_loss``.
+    ``train_pseudo_acc_all`` (all of them); with expansion ``train_distill_loss`` and, with replay,
+    ``train_replay`` (old-class pool images added to the supervised batch).
+
+    When adding classes with FixMatch, the unlabeled weak views the frozen old model is confident about
+    are (a) anchored: their pseudo-label is the old model's class (:func:`anchor_old_classes`), and
+    (b) with ``class_expansion.replay`` (default) also added to the supervised batch with that class.
+    (b) matters: the labeled batch holds only new-class images, lightly augmented, while old classes would
+    otherwise appear only strongly augmented, so the model learns "clean-looking image -> new class" and
+    moves old test images into the new classes. Measured on digits (0-7 + two new): true labels on
+    the strong views alone left old-class accuracy at 0.83; on weak views, 0.95.
 
     Args:
         module: the model (its ``_fixmatch`` / ``_expansion`` say what to do).
@@ -337,13 +356,19 @@ def training_step(module: "TransferClassifier", batch: Any) -> Tensor:
         fm._ensure(module)
         weak = fm.weak_logits(module, x_w)
         old_weak = None
+        x_sup, y_sup, replayed = x, y, None
         if expansion is not None and expansion.old_model is not None:
             old_weak = expansion.old_logits(x_w)
             weak = anchor_old_classes(weak, old_weak, fm.cfg.threshold)
-        logits_l, logits_s = forward_train(module.net, x, x_s, fm.cfg.bn)
+            if expansion.cfg.replay:
+                replayed, old_cls = confident_old(old_weak, fm.cfg.threshold)
+                x_sup, y_sup = torch.cat([x, x_w[replayed]]), torch.cat([y, old_cls[replayed].to(y.dtype)])
+                logs["train_replay"] = float(replayed.sum())
+        logits_sup, logits_s = forward_train(module.net, x_sup, x_s, fm.cfg.bn)
+        logits_l = logits_sup[: len(y)]
         out = fixmatch_loss(logits_s, weak, fm.cfg, step=int(module.global_step), da=fm.da, flex=fm.flex,
                             indices=index)
-        sup = module.loss(logits_l, y)
+        sup = module.loss(logits_sup, y_sup)
         loss = sup + out.loss
         logs.update({"train_unsup_loss": out.loss_u.detach(), "train_unsup_weight": float(out.weight),
                      "train_mask_rate": out.mask_rate})
@@ -355,10 +380,10 @@ def training_step(module: "TransferClassifier", batch: Any) -> Tensor:
                 confident = known & out.mask
                 if bool(confident.any()):
                     logs["train_pseudo_acc"] = hit[confident].float().mean()
-        student = torch.cat([logits_l, logits_s])
+        student = torch.cat([logits_sup, logits_s])
         if old_weak is not None and expansion.cfg.distill > 0:  # LwF: old model on weak views, student on strong
-            old_l = expansion.old_logits(x)
-            teacher_logits = torch.cat([old_l, old_weak])
+            parts = [expansion.old_logits(x)] + ([old_weak[replayed]] if replayed is not None else []) + [old_weak]
+            teacher_logits = torch.cat(parts)
     else:
         logits_l = module.net(x)
         sup = loss = module.loss(logits_l, y)
