@@ -1,8 +1,9 @@
-"""FixMatch benchmark: (a) accuracy, labeled-only vs FixMatch; (b) cost of our step vs a naive one.
+"""FixMatch benchmark: (a) accuracy, labeled-only vs FixMatch; (b) cost of our step vs a naive one;
+(c) adding two classes to a trained model with five labels each.
 
-    python benchmarks/fixmatch.py            # 2/5/10 labels per class x 3 seeds, then the step cost
-    python benchmarks/fixmatch.py --quick    # 5 labels per class, 1 seed, short runs
-    python benchmarks/fixmatch.py --only cost
+    python benchmarks/fixmatch.py            # (a) 2/5/10 labels per class x 3 seeds, (b), (c) 3 seeds
+    python benchmarks/fixmatch.py --quick    # (a) 5 labels per class, 1 seed, short runs; (b); (c) 1 seed
+    python benchmarks/fixmatch.py --only cost,expansion
 
 (a) scikit-learn's digits (offline) at 32 px, ``tf_efficientnet_lite0`` with the packaged ImageNet weights,
 strategy ``full``, ``bn="eval"``; the same number of optimizer steps for both runs, FixMatch drawing its
@@ -22,6 +23,14 @@ Measured on the shared 2-core CPU (one run, ``--only accuracy --steps 100 --mu 3
               10   0.897 ± 0.017    0.886 ± 0.014   -0.011
 
 and ``--quick`` step cost (B=8, mu=7, 32 px): time 0.69x of the naive step, activation memory 0.56x.
+
+(c) the issue's headline: a model trained on digits 0-7 (80 steps, 32 px, lite0 with packaged weights)
+gets digits 8 and 9 from 5 labeled images each, the rest of the training images unlabeled (all ten
+digits). Runs per seed: labeled-only, FixMatch without old-class replay, FixMatch (default: replay), all
+with LwF distillation, 100 steps, lr 5e-4, mu = 3. Labeled-only training sees new-class images only and
+calls most old images new, which inflates its raw new-class accuracy; it is also reported at FixMatch's
+old-class accuracy (``new_accuracy_at``, an offset chosen on the test labels, in the baseline's favour).
+Prints ``RESULT`` lines for ``run_all.py``.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
@@ -72,6 +82,95 @@ def accuracy_table(ks: list[int], seeds: list[int], steps: int, size: int, mu: i
 
         gain = statistics.mean(fm) - statistics.mean(sup)
         print(f"{k:>12} {fmt(sup):>16} {fmt(fm):>16} {gain:>+8.3f}   per seed: {sup} vs {fm}", flush=True)
+
+
+def _expansion_runs(seeds: list[int], steps: int) -> None:
+    import lightning as L
+
+    from visiontune import ImageDataModule, TransferClassifier, new_accuracy_at, split_accuracy
+    from visiontune.classes import ClassExpansionConfig
+    from visiontune.data.sources import digits, stratified_split
+    from visiontune.semisup import FixMatchConfig
+
+    s = digits()
+    x, y = np.stack(s.items), s.labels
+    keep, test = stratified_split(y, 0.3, 123)
+
+    def arrays(idx, classes):
+        idx = np.asarray([i for i in idx if y[i] in classes])
+        return x[idx], np.searchsorted(classes, y[idx]), [str(c) for c in classes]
+
+    def trainer(n: int) -> L.Trainer:
+        return L.Trainer(max_steps=n, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, num_sanity_val_steps=0, check_val_every_n_epoch=10**6)
+
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="vt-expansion-"))
+    L.seed_everything(0, verbose=False)
+    model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy="full", bn="train", lr=1e-3)
+    dm = ImageDataModule(train=arrays(keep, list(range(8))), val=arrays(test, list(range(8))), image_size=32,
+                         batch_size=32, hflip=False, num_workers=0)
+    t = trainer(80)
+    t.fit(model, dm)
+    base = float(t.validate(model, dm, verbose=False)[0]["val_acc"])
+    t.save_checkpoint(work / "old.ckpt")
+    print(f"(c) base model on digits 0-7: accuracy {base:.3f}; adding 8 and 9, 5 labels each, {steps} steps")
+    rows: dict[str, list[dict[str, float]]] = {"labeled-only": [], "FixMatch, no replay": [], "FixMatch": []}
+    for seed in seeds:
+        rng = np.random.default_rng(seed)
+        lab = np.concatenate([rng.choice([i for i in keep if y[i] == c], 5, replace=False) for c in (8, 9)])
+        rest = np.setdiff1d(keep, lab)
+        for name, pool, replay in (("labeled-only", False, True), ("FixMatch, no replay", True, False),
+                                   ("FixMatch", True, True)):
+            L.seed_everything(seed, verbose=False)
+            model = TransferClassifier(
+                "tf_efficientnet_lite0", weights=None, strategy="full", bn="train", lr=5e-4,
+                init_from=str(work / "old.ckpt"), class_expansion=ClassExpansionConfig(distill=1.0, replay=replay),
+                semi_supervised=FixMatchConfig(threshold=0.95, mu=3) if pool else None)
+            dm = ImageDataModule(train=arrays(lab, [8, 9]), val=arrays(test, list(range(10))), image_size=32,
+                                 unlabeled=(x[rest], y[rest], [str(i) for i in range(10)]) if pool else None,
+                                 batch_size=10, hflip=False, num_workers=0, val_split=0, seed=seed)
+            t = trainer(steps)
+            start = time.perf_counter()
+            t.fit(model, dm)
+            seconds = time.perf_counter() - start
+            metrics = t.validate(model, dm, verbose=False)[0]
+            model.eval()
+            with torch.no_grad():
+                pairs = [(model.net(xb), yb) for xb, yb in dm.val_dataloader()]
+            logits, labels = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+            rows[name].append({"old": metrics["val_acc_old"], "new": metrics["val_acc_new"], "all": metrics["val_acc"],
+                               "seconds": seconds, "logits": logits, "labels": labels})
+            print(f"    seed {seed} {name:<20} old {metrics['val_acc_old']:.3f} new {metrics['val_acc_new']:.3f} "
+                  f"all {metrics['val_acc']:.3f} ({seconds:.0f} s)", flush=True)
+
+    def ms(v: list[float]) -> str:
+        return f"{statistics.mean(v):.3f} ± {statistics.pstdev(v):.3f}"
+
+    fm = rows["FixMatch"]
+    reach = [split_accuracy(r["logits"][:, :8], r["labels"], 8)["acc_old"] for r in rows["labeled-only"]]
+    matched = [new_accuracy_at(r["logits"], r["labels"], 8, min(f["old"], c))["acc_new"]
+               for r, f, c in zip(rows["labeled-only"], fm, reach)]
+    print(f"    {'':<22} {'old classes':>15} {'new classes':>15} {'all':>15}")
+    for name, rs in rows.items():
+        print(f"    {name:<22} {ms([r['old'] for r in rs]):>15} {ms([r['new'] for r in rs]):>15} "
+              f"{ms([r['all'] for r in rs]):>15}")
+    print(f"    labeled-only new-class accuracy at FixMatch's old-class accuracy (or the best old-class accuracy "
+          f"it reaches at all, {ms(reach)}): {ms(matched)}")
+    drop = statistics.mean(base - f["old"] for f in fm)
+    gain = statistics.mean(f["new"] - m for f, m in zip(fm, matched))
+    cost = statistics.median(f["seconds"] / n["seconds"] for f, n in zip(fm, rows["FixMatch, no replay"]))
+    print(f"RESULT expansion_old_class_drop {drop:.3f} <=0.02 base {base:.3f}, mean over seeds {seeds}")
+    print(f"RESULT expansion_new_class_gain_at_equal_old {gain:.3f} >=0.10 FixMatch vs labeled-only")
+    print(f"RESULT expansion_new_class_gain_raw "
+          f"{statistics.mean(f['new'] - r['new'] for f, r in zip(fm, rows['labeled-only'])):.3f} - "
+          f"labeled-only keeps old acc {ms([r['old'] for r in rows['labeled-only']])}")
+    print(f"RESULT expansion_labeled_only_best_old_class_drop {statistics.mean(base - c for c in reach):.3f} - "
+          "predicting no new class at all")
+    print(f"RESULT expansion_old_class_drop_without_replay "
+          f"{statistics.mean(base - r['old'] for r in rows['FixMatch, no replay']):.3f} -")
+    print(f"RESULT expansion_replay_time_ratio {cost:.2f} - training time with / without replay (median)")
 
 
 class _SavedBytes:
@@ -155,12 +254,14 @@ def step_cost(batch: int, mu: int, size: int, reps: int, device: str) -> None:
     print(f"    time: ours {t_ours * 1e3:.0f} ms, naive {t_naive * 1e3:.0f} ms (median) -> ratio {t_ours / t_naive:.2f}x")
     print(f"    {what}: ours {mem['ours'] / 2**20:.0f} MiB, naive {mem['naive'] / 2**20:.0f} MiB -> ratio "
           f"{mem['ours'] / mem['naive']:.2f}x", flush=True)
+    print(f"RESULT fixmatch_step_vs_naive_{device} {t_ours / t_naive:.2f} <=0.75 mu={mu}")
+    print(f"RESULT fixmatch_memory_vs_naive_{device} {mem['ours'] / mem['naive']:.2f} - {what}")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="5 labels/class, 1 seed, short runs, fewer reps")
-    p.add_argument("--only", choices=["accuracy", "cost"], default=None)
+    p.add_argument("--only", default=None, help="comma-separated parts: accuracy, cost, expansion")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per accuracy run")
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--mu", type=int, default=7)
@@ -168,16 +269,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 on <= 2 cores)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
+    parts = set(args.only.split(",")) if args.only else {"accuracy", "cost", "expansion"}
+    if parts - {"accuracy", "cost", "expansion"}:
+        p.error(f"--only: unknown parts {sorted(parts - {'accuracy', 'cost', 'expansion'})}; "
+                "choose from accuracy, cost, expansion")
     threads = args.threads or (1 if (os.cpu_count() or 1) <= 2 else None)
     if threads:
         torch.set_num_threads(threads)
-    if args.only in (None, "accuracy"):
+    if "accuracy" in parts:
         ks, seeds = ([5], [0]) if args.quick else ([2, 5, 10], [0, 1, 2])
         steps = args.steps or (100 if args.quick else 300)
         accuracy_table(ks, seeds, steps, args.size, mu=3 if args.quick else args.mu, threshold=args.threshold)
-    if args.only in (None, "cost"):
+    if "cost" in parts:
         step_cost(batch=16 if args.device == "cuda" else 8, mu=args.mu, size=args.size,
                   reps=5 if args.quick else 15, device=args.device)
+    if "expansion" in parts:
+        _expansion_runs([0] if args.quick else [0, 1, 2], steps=args.steps or 100)
     return 0
 
 

@@ -29,6 +29,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -119,8 +120,8 @@ def versions() -> dict[str, str]:
         return {"python": platform.python_version()}
 
 
-def run_script(path: Path, quick: bool, timeout: float, verbose: bool) -> dict:
-    cmd = [sys.executable, str(path), *(["--quick"] if quick else [])]
+def run_script(path: Path, quick: bool, timeout: float, verbose: bool, extra: list[str] | None = None) -> dict:
+    cmd = [sys.executable, str(path), *(["--quick"] if quick else []), *(extra or [])]
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     try:
@@ -137,7 +138,7 @@ def run_script(path: Path, quick: bool, timeout: float, verbose: bool) -> dict:
     info = [ln for ln in stdout.splitlines() if ln.strip() and not ln.startswith("RESULT ")][-6:]
     error = "" if rc == 0 else (stderr.strip().splitlines() or ["(no output)"])[-1][:300]
     return {"script": path.name, "rc": rc, "seconds": round(seconds, 1), "results": results, "info": info,
-            "error": error, "date": time.strftime("%Y-%m-%d %H:%M"), "quick": quick}
+            "error": error, "date": time.strftime("%Y-%m-%d %H:%M"), "quick": quick, "args": list(extra or [])}
 
 
 def _read_existing(path: Path) -> tuple[str, dict]:
@@ -181,6 +182,8 @@ def render(runs: dict[str, dict], header: dict, notes: str) -> str:
     for script in sorted(runs, key=lambda s: (ORDER.index(Path(s).stem) if Path(s).stem in ORDER else 99, s)):
         run = runs[script]
         when = f"{run['date']}{' (--quick)' if run.get('quick') else ''}"
+        if run.get("args"):
+            when += f" ({' '.join(run['args'])})"
         if not run["results"]:
             lines.append(f"| {script} ({when}) | — | — | — | ❌ no RESULT |")
         for r in run["results"]:
@@ -203,7 +206,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", default=str(ROOT / "BENCHMARKS.md"))
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per script")
     parser.add_argument("--verbose", action="store_true", help="show each script's output")
+    parser.add_argument("--extra", action="append", default=[], metavar="NAME=ARGS",
+                        help="extra arguments for one script, e.g. --extra 'fixmatch=--only cost,expansion'")
     args = parser.parse_args(argv)
+    extra: dict[str, list[str]] = {}
+    for item in args.extra:
+        name, sep, rest = item.partition("=")
+        if not sep or not name.strip():
+            parser.error(f"--extra {item!r}: expected NAME=ARGS (a script name without .py, then its arguments)")
+        extra[name.strip()] = shlex.split(rest)
     only = [s.strip() for s in args.only.split(",")] if args.only else None
     scripts = discover(only)
     out = Path(args.output)
@@ -212,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = dict(previous) if only else {}
     for path in scripts:
         print(f"run_all: {path.name} ...", flush=True)
-        run = run_script(path, args.quick, args.timeout, args.verbose)
+        run = run_script(path, args.quick, args.timeout, args.verbose, extra.get(path.stem))
         runs[path.name] = run
         for r in run["results"]:
             print(f"  RESULT {r['name']} {r['value']} {r['target']} "
