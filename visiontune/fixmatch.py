@@ -46,15 +46,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .semisup import (
-    DistributionAlignment,
-    EMATeacher,
-    FixMatchConfig,
-    FlexMatchThresholds,
-    fixmatch_loss,
-    forward_train,
-    predict_weak,
-)
+from .semisup import FixMatchConfig, fixmatch_loss, forward_train, predict_weak
+from .semisup_state import DistributionAlignment, EMATeacher, FlexMatchThresholds
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data.datamodule import ImageDataModule

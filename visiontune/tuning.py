@@ -376,7 +376,7 @@ def schedule_main(argv: Sequence[str]) -> int:
     import timm
 
     from .backbones import BackboneError, create_backbone
-    from .schedule import ScheduleError, _describe
+    from .schedule import ScheduleError
     from .strategies import StrategyError, apply_strategy
 
     name = model["backbone"]
