@@ -77,3 +77,44 @@ def test_strategies_tool_and_fast_help():
     code = "import sys, visiontune; visiontune.main(['--help']); print(sorted(m for m in sys.modules if m.startswith('lightning'))[:1])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "visiontune fit" in out and out.strip().endswith("[]")  # --help imports no lightning
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("name", ["quickstart.yaml", "fixmatch.yaml", "new_classes.yaml"])
+def test_shipped_fit_configs_parse(name):
+    from visiontune.cli import _cli_class
+
+    cli = _cli_class()(args=["--config", str(ROOT / "configs" / name), "--model.weights", "null"], run=False)
+    hp = cli.model.hparams
+    assert hp.backbone == "tf_efficientnet_lite0"
+    if name != "quickstart.yaml":
+        assert hp.semi_supervised["threshold"] == 0.95
+    if name == "new_classes.yaml":
+        assert hp.class_expansion == {"distill": 1.0, "temperature": 2.0, "freeze_old_rows": False, "replay": True}
+        assert hp.init_from.endswith("last.ckpt")
+
+
+@pytest.mark.slow
+def test_new_classes_yaml_adds_a_class_to_a_cli_trained_model(tmp_path, capsys, monkeypatch):
+    """The README's two commands: train on the old classes, then `fit --config configs/new_classes.yaml`."""
+    monkeypatch.chdir(tmp_path)
+    old = make_folder(tmp_path / "old", per_class=4, classes={"red": (220, 30, 30), "green": (30, 200, 40)})
+    main(["fit", *TINY, f"--data.train={old}"])
+    ckpt = _run_dir(capsys.readouterr().out) / "checkpoints" / "last.ckpt"
+    new = make_folder(tmp_path / "new_species", per_class=3, classes={"blue": (30, 40, 220)})
+    val = make_folder(tmp_path / "val", per_class=2)
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    for p in sorted(make_folder(tmp_path / "pool", per_class=2).rglob("*.png")):
+        p.rename(unlabeled / f"{p.parent.name}_{p.name}")  # no labels: a flat folder
+    main(["fit", "--config", str(ROOT / "configs" / "new_classes.yaml"), *TINY, f"--model.init_from={ckpt}",
+          f"--data.train={new}", f"--data.unlabeled={unlabeled}", f"--data.val={val}", "--data.batch_size=3",
+          "--model.semi_supervised.mu=1", "--trainer.logger=false"])
+    out = capsys.readouterr().out
+    assert "adding 1 class ['blue'] to the 2 of" in out
+    run = _run_dir(out)
+    assert json.loads((run / "class_names.json").read_text()) == ["green", "red", "blue"]  # old (sorted) + new
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert {"val_acc", "val_acc_old", "val_acc_new"} <= set(metrics)

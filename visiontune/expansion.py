@@ -244,7 +244,8 @@ class ClassExpansion:
                 raise ValueError(f"class_expansion.freeze_old_rows needs a Linear head, got {type(head).__name__}")
             self._hooks = freeze_rows(head, slice(0, len(old)))
         if self.new_class_names and getattr(module, "_trainer", None) is not None and module.trainer.is_global_zero:
-            print(f"visiontune: adding {len(self.new_class_names)} classes {self.new_class_names} to the "
+            n = len(self.new_class_names)
+            print(f"visiontune: adding {n} class{'es' if n != 1 else ''} {self.new_class_names} to the "
                   f"{len(old)} of {self.init_from}")
 
     def _support(self, module: "TransferClassifier", dm: Any, order: list[str]) -> tuple[Tensor, Tensor]:
