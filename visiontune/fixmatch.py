@@ -298,7 +298,10 @@ def anchor_old_classes(weak_logits: Tensor, old_logits: Tensor, threshold: float
         >>> anchor_old_classes(weak, old, 0.95).argmax(1).tolist()
         [0, 2]
     """
-    anchored, cls = confident_old(old_logits, threshold)
+    return _anchor(weak_logits, *confident_old(old_logits, threshold))
+
+
+def _anchor(weak_logits: Tensor, anchored: Tensor, cls: Tensor) -> Tensor:
     if not bool(anchored.any()):
         return weak_logits
     onehot = torch.full_like(weak_logits, -1e4)
@@ -352,9 +355,10 @@ def training_step(module: "TransferClassifier", batch: Any) -> Tensor:
         x_sup, y_sup, replayed = x, y, None
         if expansion is not None and expansion.old_model is not None:
             old_weak = expansion.old_logits(x_w)
-            weak = anchor_old_classes(weak, old_weak, fm.cfg.threshold)
+            anchored, old_cls = confident_old(old_weak, fm.cfg.threshold)
+            weak = _anchor(weak, anchored, old_cls)
             if expansion.cfg.replay:
-                replayed, old_cls = confident_old(old_weak, fm.cfg.threshold)
+                replayed = anchored
                 x_sup, y_sup = torch.cat([x, x_w[replayed]]), torch.cat([y, old_cls[replayed].to(y.dtype)])
                 logs["train_replay"] = float(replayed.sum())
         logits_sup, logits_s = forward_train(module.net, x_sup, x_s, fm.cfg.bn)
