@@ -384,6 +384,35 @@ def test_qlora_conv_including_tf_same_padding(models, images) -> None:
     assert type(net.conv_stem).__name__ == "Conv2dSame"
 
 
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Linear(24, 40), (3, 5, 24)),
+    (lambda: nn.Conv2d(8, 16, 3, stride=2, padding=1), (2, 8, 9, 9)),
+    (lambda: nn.Conv2d(8, 8, 3, padding=1, groups=8), (2, 8, 7, 7)),
+    (lambda: nn.Conv2d(8, 16, 3, padding=1, padding_mode="reflect"), (2, 8, 7, 7)),
+    (lambda: __import__("timm.layers", fromlist=["Conv2dSame"]).Conv2dSame(8, 16, 3, stride=2), (2, 8, 9, 9)),
+])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_layers_rebuild_the_weight_in_backward(make, shape, bits) -> None:
+    """Same input gradient as autograd through the dequantised weight, without saving that weight."""
+    torch.manual_seed(0)
+    layer = make()
+    q = (QuantizedLinear if isinstance(layer, nn.Linear) else QuantizedConv2d)(layer, bits=bits)
+    w = q.dequantized_weight()
+    x = torch.randn(shape, requires_grad=True)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = q(x)
+    assert not [t for t in saved if t.is_floating_point() and t.numel() >= w.numel()]  # no float weight kept
+    g = torch.randn_like(y)
+    (grad,) = torch.autograd.grad(y, x, g)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = q._apply(x_ref, w)
+    torch.testing.assert_close(y, y_ref, rtol=0, atol=0)
+    torch.testing.assert_close(grad, torch.autograd.grad(y_ref, x_ref, g)[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # evaluation and inputs without gradients take the plain path
+        torch.testing.assert_close(q(x), y_ref, rtol=0, atol=0)
+
+
 # ------------------------------------------------------------------------------------ PEFT parity
 def _peft_parity(base: nn.Module, images: torch.Tensor, options: dict) -> None:
     peft = pytest.importorskip("peft")

@@ -2,12 +2,13 @@
 
 ``QuantizedLinear`` / ``QuantizedConv2d`` hold a frozen weight as int8 codes with one scale per output
 channel, or as packed 4-bit NF4 codes with one absmax per block of 64, and dequantise it on the fly
-(``qlora``). ``_conv`` reproduces a conv layer's padding rules (incl. timm's TF-'same') with another weight.
+(``qlora``), in forward and again in backward, so no float copy outlives its use. ``_conv`` reproduces a conv layer's padding rules (incl. timm's TF-'same') with another weight.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -101,6 +102,34 @@ class _QuantizedBase(nn.Module):
         return w.reshape(self.weight_shape).to(self.weight_dtype)
 
 
+class _FrozenQuantized(torch.autograd.Function):
+    """``layer(x)`` with a weight dequantised in forward and again in backward, never kept in between.
+
+    Plain ``F.linear(x, layer.dequantized_weight())`` saves the float weight for the input gradient, so
+    every quantized layer's full-precision copy stays alive until backward: QLoRA would hold more memory
+    than LoRA (codes + floats). The frozen layer is linear in ``x`` and its weight gets no gradient,
+    so backward needs only the weight, which is rebuilt from the codes; nothing but ``x``'s shape is saved.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, layer: "_QuantizedBase") -> Tensor:  # type: ignore[override]
+        ctx.layer, ctx.x_shape = layer, x.shape
+        with torch.no_grad():
+            return layer._apply(x, layer.dequantized_weight())
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return ctx.layer._input_grad(grad, ctx.x_shape, ctx.layer.dequantized_weight()), None
+
+
+def _frozen_forward(layer: "_QuantizedBase", x: Tensor) -> Tensor:
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _FrozenQuantized.apply(x, layer)
+    return layer._apply(x, layer.dequantized_weight())
+
+
 class QuantizedLinear(_QuantizedBase):
     """A frozen ``nn.Linear`` whose weight is stored quantized and dequantised in ``forward``.
 
@@ -123,7 +152,13 @@ class QuantizedLinear(_QuantizedBase):
             self.bias.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.dequantized_weight(), self.bias)
+        return _frozen_forward(self, x)
+
+    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        return F.linear(x, weight, self.bias)
+
+    def _input_grad(self, grad: Tensor, x_shape: torch.Size, weight: Tensor) -> Tensor:
+        return grad.matmul(weight.to(grad.dtype)).reshape(x_shape)
 
     def to_float(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the dequantised weight."""
@@ -164,7 +199,21 @@ class QuantizedConv2d(_QuantizedBase):
             self.bias.requires_grad_(False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return _conv(self, self.same_pad, x, self.dequantized_weight(), self.bias, self.groups)
+        return _frozen_forward(self, x)
+
+    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+        return _conv(self, self.same_pad, x, weight, self.bias, self.groups)
+
+    def _input_grad(self, grad: Tensor, x_shape: torch.Size, weight: Tensor) -> Tensor:
+        weight = weight.to(grad.dtype)
+        if not self.same_pad and self.padding_mode == "zeros" and not isinstance(self.padding, str):
+            return torch.nn.grad.conv2d_input(x_shape, weight, grad, self.stride, self.padding, self.dilation,
+                                              self.groups)
+        # 'same' / reflect padding: the vector-Jacobian product of a map linear in x (any x will do)
+        with torch.enable_grad():
+            probe = torch.zeros(x_shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
+            (g,) = torch.autograd.grad(_conv(self, self.same_pad, probe, weight, None, self.groups), probe, grad)
+        return g
 
     def to_float(self) -> nn.Conv2d:
         """A plain conv (timm ``Conv2dSame`` where the original was one) holding the dequantised weight."""
