@@ -1,0 +1,322 @@
+"""LoRA layers: a frozen base layer (float or quantized) plus a trainable low-rank delta.
+
+``LoRALinear``, ``LoRAQKVLinear`` (a fused qkv Linear, per-part deltas) and ``LoRAConv2d`` (dense, grouped
+and depthwise convs, incl. timm's TF-'same' padding) share :class:`LoRALayer`: scaling, dropout, init,
+merge / unmerge. Which layers get wrapped, and how a model is merged or unloaded, is in
+:mod:`visiontune.strategies.lora`.
+
+Example:
+    >>> layer = LoRALinear(nn.Linear(8, 4), rank=2, alpha=4)
+    >>> layer(torch.randn(3, 8)).shape
+    torch.Size([3, 4])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import StrategyError
+from .quant import _conv, _conv_is_supported, _is_same_pad, _QuantizedBase
+
+__all__ = ["LoRAConv2d", "LoRALayer", "LoRALinear", "LoRAQKVLinear"]
+
+_INITS = ("zero", "gaussian")
+
+
+# -------------------------------------------------------------------------------------- LoRA layers
+class LoRALayer(nn.Module):
+    """Base of the LoRA wrappers: frozen ``base_layer`` + trainable ``lora_A``/``lora_B``, merge/unmerge.
+
+    Args:
+        base_layer: the wrapped layer (frozen here).
+        rank: rank of the delta.
+        alpha: ``scaling = alpha / rank``.
+        dropout: dropout on the delta's input.
+        name: the layer's name in the model, used in error messages.
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(16, 8), rank=2, init="gaussian")
+        >>> x = torch.randn(3, 16); y = layer(x)
+        >>> layer.merge(); torch.allclose(layer(x), y, atol=1e-6)
+        True
+    """
+
+    lora_A: nn.Parameter
+    lora_B: nn.Parameter
+
+    def __init__(
+        self, base_layer: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0, name: str = ""
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer.requires_grad_(False)
+        self.rank, self.alpha, self.scaling = rank, float(alpha), float(alpha) / rank
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.layer_name = name or type(base_layer).__name__
+        self.merged = False
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the frozen base weight is stored quantized (qlora)."""
+        return isinstance(self.base_layer, _QuantizedBase)
+
+    def _base_weight(self) -> Tensor:
+        base = self.base_layer
+        return base.dequantized_weight() if isinstance(base, _QuantizedBase) else base.weight
+
+    def _reset(self, init: str) -> None:
+        # A as nn.Linear/nn.Conv2d initialise their weights (PEFT does the same); B decides the start.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        if init == "zero":
+            nn.init.zeros_(self.lora_B)
+        elif init == "gaussian":
+            nn.init.normal_(self.lora_B, std=0.02)
+        else:
+            raise StrategyError(f"option 'init' must be one of {list(_INITS)}, got {init!r}")
+
+    def delta_weight(self) -> Tensor:
+        """``scaling · B·A`` shaped like the base weight (only for merging; the forward never builds it)."""
+        raise NotImplementedError
+
+    def merged_weight(self) -> Tensor:
+        """Base weight + delta, as a new tensor (the model is not changed)."""
+        w = self._base_weight()
+        return w.detach() + self.delta_weight().detach().to(w.dtype)
+
+    def _check_mergeable(self, safe: bool) -> None:
+        if self.quantized:
+            raise StrategyError(
+                f"LoRA layer {self.layer_name!r}: its base weight is quantized, so it cannot be merged in place "
+                "(and unmerged exactly); use merge_and_unload(model) for a float model"
+            )
+        if safe and not torch.isfinite(self.merged_weight()).all():
+            raise StrategyError(
+                f"safe merge refused: LoRA layer {self.layer_name!r} would get non-finite (NaN/inf) weights; "
+                "the model is unchanged"
+            )
+
+    @torch.no_grad()
+    def merge(self, safe: bool = False) -> None:
+        """Add the delta into the base weight; the forward then runs the base layer alone.
+
+        Args:
+            safe: check the merged weight is finite first and raise (naming the layer) if not.
+        """
+        if self.merged:
+            return
+        self._check_mergeable(safe)
+        w = self.base_layer.weight
+        w.add_(self.delta_weight().to(w.dtype))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Subtract the same delta again (exact inverse of :meth:`merge` up to float rounding)."""
+        if not self.merged:
+            return
+        w = self.base_layer.weight
+        w.sub_(self.delta_weight().to(w.dtype))
+        self.merged = False
+
+    @torch.no_grad()
+    def merged_module(self) -> nn.Module:
+        """A plain layer with the delta baked in (float, frozen): the wrapper's export form."""
+        if self.quantized:
+            plain = self.base_layer.to_float()
+            plain.weight.add_(self.delta_weight().to(plain.weight.dtype))
+            return plain
+        self.merge()
+        return self.base_layer
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}, alpha={self.alpha:g}, merged={self.merged}"
+
+
+class LoRALinear(LoRALayer):
+    """LoRA on an ``nn.Linear`` (or :class:`QuantizedLinear`): ``y = base(x) + scaling·(x Aᵀ) Bᵀ``.
+
+    Parameters: ``rank·(in_features + out_features)``.
+
+    Args:
+        base_layer: the Linear to adapt.
+        rank: rank of the delta.
+        alpha: ``scaling = alpha / rank``.
+        dropout: dropout on the delta's input.
+        init: ``"zero"`` or ``"gaussian"`` (see :class:`LoRAConfig`).
+        name: the layer's name in the model.
+
+    Example:
+        >>> layer = LoRALinear(nn.Linear(16, 8), rank=2)
+        >>> layer.lora_A.shape, layer.lora_B.shape
+        (torch.Size([2, 16]), torch.Size([8, 2]))
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        init: str = "zero",
+        name: str = "",
+    ) -> None:
+        super().__init__(base_layer, rank, alpha, dropout, name)
+        like = self._base_weight()
+        self.lora_A = nn.Parameter(torch.empty(rank, base_layer.in_features, dtype=like.dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.empty(base_layer.out_features, rank, dtype=like.dtype, device=like.device))
+        self._reset(init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        # Two thin matmuls; the frozen base gets no weight-gradient and B·A is never formed.
+        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
+
+    def delta_weight(self) -> Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+
+class LoRAQKVLinear(LoRALayer):
+    """LoRA on a fused ``qkv`` Linear, treated as its three projections; only the chosen parts move.
+
+    Each chosen part gets its own rank-``rank`` pair (as separate q/v projections would), so the output
+    slices of the other parts are exactly the base layer's. Parameters: ``len(parts)·rank·(in + d)``
+    with ``d = out_features / 3``.
+
+    Args:
+        base_layer: the fused Linear (``out_features`` divisible by 3, laid out q | k | v as in timm).
+        rank: rank of each part's delta.
+        alpha: ``scaling = alpha / rank``.
+        parts: non-empty subset of ``"qkv"``.
+        dropout: dropout on the delta's input.
+        init: ``"zero"`` or ``"gaussian"``.
+        name: the layer's name in the model.
+
+    Example:
+        >>> layer = LoRAQKVLinear(nn.Linear(8, 24), rank=2, alpha=4, parts="qv", init="gaussian")
+        >>> x = torch.randn(2, 8)
+        >>> torch.equal(layer(x)[:, 8:16], layer.base_layer(x)[:, 8:16])  # k untouched
+        True
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        parts: str = "qv",
+        dropout: float = 0.0,
+        init: str = "zero",
+        name: str = "",
+    ) -> None:
+        super().__init__(base_layer, rank, alpha, dropout, name)
+        if base_layer.out_features % 3:
+            raise StrategyError(
+                f"LoRA layer {self.layer_name!r}: a fused qkv Linear needs out_features divisible by 3, "
+                f"got {base_layer.out_features}"
+            )
+        if not parts or set(parts) - set("qkv"):
+            raise StrategyError(f"option 'qkv' must be a non-empty subset of 'qkv', got {parts!r}")
+        self.parts = "".join(c for c in "qkv" if c in parts)
+        self.part_dim = base_layer.out_features // 3
+        like = self._base_weight()
+        n = len(self.parts)
+        self.lora_A = nn.Parameter(torch.empty(n * rank, base_layer.in_features, dtype=like.dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.empty(n * self.part_dim, rank, dtype=like.dtype, device=like.device))
+        self._reset(init)
+
+    def _part_factors(self) -> Iterable[tuple[int, Tensor, Tensor]]:
+        r, d = self.rank, self.part_dim
+        for j, c in enumerate(self.parts):
+            yield "qkv".index(c), self.lora_A[j * r : (j + 1) * r], self.lora_B[j * d : (j + 1) * d]
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self.merged:
+            return out
+        h = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # (..., parts·rank): one matmul for all
+        r, d = self.rank, self.part_dim
+        deltas = {"qkv".index(c): F.linear(h[..., j * r : (j + 1) * r], self.lora_B[j * d : (j + 1) * d])
+                  for j, c in enumerate(self.parts)}
+        return torch.cat([out[..., i * d : (i + 1) * d] + deltas[i] if i in deltas else out[..., i * d : (i + 1) * d]
+                          for i in range(3)], dim=-1)
+
+    def delta_weight(self) -> Tensor:
+        d = self.part_dim
+        delta = self.lora_A.new_zeros(3 * d, self.lora_A.shape[1])
+        for i, a, b in self._part_factors():
+            delta[i * d : (i + 1) * d] = (b @ a) * self.scaling
+        return delta
+
+    def extra_repr(self) -> str:
+        return f"parts={self.parts!r}, " + super().extra_repr()
+
+
+class LoRAConv2d(LoRALayer):
+    """LoRA on an ``nn.Conv2d`` (plain or timm ``Conv2dSame``, dense, grouped or depthwise).
+
+    ``lora_A`` has shape ``(rank, in/groups, kh, kw)``, ``lora_B`` ``(out, rank, 1, 1)``; parameters
+    ``rank·(out + in/groups·kh·kw)``. Dense convs run A as a k×k conv (the layer's stride/padding) and B as
+    a 1×1 conv beside the frozen base. Grouped convs use the delta weight ``B·A`` (as small as the layer,
+    and group-structured): without dropout in a single conv with ``W + delta`` (one conv instead of two).
+
+    Args:
+        base_layer: the conv to adapt.
+        rank: rank of the delta.
+        alpha: ``scaling = alpha / rank``.
+        dropout: dropout on the delta's input.
+        init: ``"zero"`` or ``"gaussian"``.
+        name: the layer's name in the model.
+
+    Example:
+        >>> layer = LoRAConv2d(nn.Conv2d(32, 32, 3, padding=1, groups=32), rank=4)
+        >>> sum(p.numel() for n, p in layer.named_parameters() if "lora_" in n)  # 4·(32 + 9) < 288
+        164
+    """
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        rank: int = 8,
+        alpha: float = 16.0,
+        dropout: float = 0.0,
+        init: str = "zero",
+        name: str = "",
+    ) -> None:
+        super().__init__(base_layer, rank, alpha, dropout, name)
+        if isinstance(base_layer, nn.Conv2d) and not _conv_is_supported(base_layer):
+            raise StrategyError(
+                f"LoRA layer {self.layer_name!r}: {type(base_layer).__name__} has its own forward "
+                "(a merged delta would not be exact); exclude it"
+            )
+        self.same_pad = _is_same_pad(base_layer)
+        like = self._base_weight()
+        out, in_g, kh, kw = like.shape
+        self.lora_A = nn.Parameter(torch.empty(rank, in_g, kh, kw, dtype=like.dtype, device=like.device))
+        self.lora_B = nn.Parameter(torch.empty(out, rank, 1, 1, dtype=like.dtype, device=like.device))
+        self._reset(init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        base = self.base_layer
+        if self.merged:
+            return base(x)
+        if base.groups == 1:
+            h = _conv(base, self.same_pad, self.lora_dropout(x), self.lora_A, None, 1) * self.scaling
+            return base(x) + F.conv2d(h, self.lora_B)
+        if self.training and isinstance(self.lora_dropout, nn.Dropout):
+            return base(x) + _conv(base, self.same_pad, self.lora_dropout(x), self.delta_weight(), None, base.groups)
+        # Grouped weights are tiny: one conv with W + delta beats a rank-expanded grouped conv pair.
+        weight = self._base_weight() + self.delta_weight()
+        return _conv(base, self.same_pad, x, weight, base.bias, base.groups)
+
+    def delta_weight(self) -> Tensor:
+        shape = (self.lora_B.shape[0], *self.lora_A.shape[1:])
+        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).view(shape) * self.scaling
+
+
+# --------------------------------------------------------------------------------- model surgery
