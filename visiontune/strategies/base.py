@@ -158,8 +158,10 @@ def apply_strategy(
         >>> import timm
         >>> net = timm.create_model("resnet18", num_classes=3)
         >>> cfg = apply_strategy(net, "bitfit")
-        >>> sorted({n.split(".")[-1] for n, p in net.named_parameters() if p.requires_grad})
+        >>> sorted({n.split(".")[-1] for n, p in net.named_parameters() if p.requires_grad and "fc." not in n})
         ['bias']
+        >>> net.fc.weight.requires_grad  # the head
+        True
     """
     cfg = make_strategy_config(strategy, options)
     spec = get_strategy(strategy_name(cfg))
