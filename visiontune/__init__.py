@@ -50,7 +50,7 @@ def _optional_exports() -> None:
         "FixMatchConfig": "semisup", "expand_classes": "classes", "ClassExpansionConfig": "classes",
         "split_accuracy": "classes", "new_accuracy_at": "classes",
         "FixMatchState": "fixmatch", "ClassExpansion": "expansion",
-        "save_delta": "delta", "load_delta": "delta", "build_from_delta": "delta",
+        "save_delta": "delta", "load_delta": "delta", "build_from_delta": "delta_build",
         "delta_from_file": "delta", "DeltaError": "delta", "DeltaWriter": "delta_writer",
         "TaskBank": "tasks",
         "GradualUnfreeze": "schedule", "compare": "compare", "compare_from_config": "compare",

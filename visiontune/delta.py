@@ -36,7 +36,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 from torch import nn
@@ -44,9 +44,6 @@ from torch import nn
 from . import __version__
 from .io import atomic_save_safetensors
 from .strategies.base import delta_parameter_names, head_parameter_names, strategy_name
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .module import TransferClassifier
 
 __all__ = [
     "DeltaError",
@@ -528,95 +525,9 @@ def _set_classes(module: nn.Module, names: list[str]) -> None:
     module.hparams["num_classes"] = len(names)
 
 
-# ----------------------------------------------------------------------------------------- building
-def build_from_delta(
-    path: str | os.PathLike,
-    weights: str | os.PathLike | None = "metadata",
-    *,
-    check_base: bool = True,
-    **overrides: Any,
-) -> TransferClassifier:
-    """Build the base model a delta was trained on (from its metadata) and load the delta into it.
-
-    Args:
-        path: a file written by :func:`save_delta`.
-        weights: the base's weight source; ``"metadata"`` (default) uses the one recorded in the delta.
-            Pass it when the recorded source is not available here (e.g. a file path from another machine).
-        check_base: verify the base tensors (see :func:`load_delta`).
-        **overrides: further :class:`~visiontune.TransferClassifier` arguments (``lr``, ...).
-
-    Returns:
-        A TransferClassifier in eval mode, with the delta loaded.
-
-    Example:
-        >>> model = build_from_delta("digits_lora.safetensors")  # doctest: +SKIP
-        >>> model(torch.zeros(1, 3, 64, 64)).shape               # doctest: +SKIP
-        torch.Size([1, 10])
-    """
-    from .module import TransferClassifier
-
-    _, meta = delta_from_file(path)
-    args = dict(meta.get("backbone_args") or {})
-    kwargs: dict[str, Any] = {
-        "backbone": meta["backbone"],
-        "weights": meta.get("weights") if weights == "metadata" else weights,
-        "class_names": list(meta["class_names"]),
-        "strategy": meta["strategy"],
-        "strategy_args": dict(meta.get("strategy_config") or {}),
-        "bn": meta.get("bn") or "frozen",
-        "drop_path_rate": args.pop("drop_path_rate", None),
-        "backbone_args": args or None,
-    }
-    kwargs.update(overrides)
-    model = TransferClassifier(**kwargs)
-    load_delta(model, path, check_base=check_base)
-    return model.eval()
-
-
-def apply_delta_to_module(module: nn.Module, path: str | os.PathLike, *, check_base: bool = True) -> dict[str, Any]:
-    """Load a delta into a TransferClassifier, building its network first if it has none yet (CLI hook).
-
-    Args:
-        module: a TransferClassifier whose hparams (backbone, strategy, weights) match the delta.
-        path: a file written by :func:`save_delta`.
-        check_base: verify the base tensors (see :func:`load_delta`).
-
-    Returns:
-        The delta's metadata.
-
-    Example:
-        >>> apply_delta_to_module(model, "runs/x/checkpoints/delta.safetensors")  # doctest: +SKIP
-    """
-    if not hasattr(module, "hparams"):
-        raise DeltaError(f"apply_delta_to_module needs a TransferClassifier, got {type(module).__name__}")
-    if getattr(module, "net", None) is None:
-        _, meta = delta_from_file(path)
-        module.class_names = list(meta["class_names"])
-        module._build(len(meta["class_names"]), module.hparams.get("weights"))
-    return load_delta(module, path, check_base=check_base)
-
-
-def module_arguments_from_delta(path: str | os.PathLike) -> dict[str, Any]:
-    """The TransferClassifier arguments that must match a delta (for CLIs and configs).
-
-    Returns:
-        ``backbone``, ``weights``, ``class_names``, ``num_classes``, ``strategy``, ``strategy_args``,
-        ``bn`` and ``backbone_args`` as recorded in the delta.
-
-    Example:
-        >>> module_arguments_from_delta("task.safetensors")["strategy"]  # doctest: +SKIP
-        'lora'
-    """
-    _, meta = delta_from_file(path)
-    return {
-        "backbone": meta["backbone"], "weights": meta.get("weights"),
-        "class_names": list(meta["class_names"]), "num_classes": len(meta["class_names"]),
-        "strategy": meta["strategy"], "strategy_args": dict(meta.get("strategy_config") or {}),
-        "bn": meta.get("bn") or "frozen", "backbone_args": dict(meta.get("backbone_args") or {}),
-    }
-
-
 _LAZY = {
+    "build_from_delta": "delta_build", "apply_delta_to_module": "delta_build",
+    "module_arguments_from_delta": "delta_build",
     "DeltaWriter": "delta_writer",  # subclasses a Lightning Callback: imported on first use only
     "TaskBank": "tasks", "MultiTask": "tasks", "task_bank": "tasks",
     "add_task": "tasks", "use_task": "tasks", "merge_task": "tasks",
