@@ -66,7 +66,19 @@ def _nf4_codebook() -> Tensor:
 class _QuantizedBase(nn.Module):
     """Holds a frozen weight as int8 codes + per-channel scales, or packed NF4 codes + block absmax."""
 
-    def _store(self, weight: Tensor, bits: int) -> None:
+    def forward(self, x: Tensor) -> Tensor:
+        return _frozen_forward(self, x)
+
+    def _frozen_op(self, x: Tensor, weight: Tensor) -> Tensor:  # the layer's op with a given weight
+        raise NotImplementedError
+
+    def _input_grad(self, grad: Tensor, x_shape: torch.Size, weight: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _store(self, weight: Tensor, bias: nn.Parameter | None, bits: int) -> None:
+        self.bias = bias  # kept in float, frozen
+        if bias is not None:
+            bias.requires_grad_(False)
         if bits not in _BITS:
             raise StrategyError(f"quantization to {bits} bits is not supported; use one of {list(_BITS)}")
         self.bits = bits
@@ -115,7 +127,7 @@ class _FrozenQuantized(torch.autograd.Function):
     def forward(ctx: Any, x: Tensor, layer: "_QuantizedBase") -> Tensor:  # type: ignore[override]
         ctx.layer, ctx.x_shape = layer, x.shape
         with torch.no_grad():
-            return layer._apply(x, layer.dequantized_weight())
+            return layer._frozen_op(x, layer.dequantized_weight())
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
@@ -127,7 +139,7 @@ class _FrozenQuantized(torch.autograd.Function):
 def _frozen_forward(layer: "_QuantizedBase", x: Tensor) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _FrozenQuantized.apply(x, layer)
-    return layer._apply(x, layer.dequantized_weight())
+    return layer._frozen_op(x, layer.dequantized_weight())
 
 
 class QuantizedLinear(_QuantizedBase):
@@ -146,15 +158,9 @@ class QuantizedLinear(_QuantizedBase):
     def __init__(self, linear: nn.Linear, bits: int = 8) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self._store(linear.weight, bits)
-        self.bias = linear.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self._store(linear.weight, linear.bias, bits)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _frozen_forward(self, x)
-
-    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _frozen_op(self, x: Tensor, weight: Tensor) -> Tensor:
         return F.linear(x, weight, self.bias)
 
     def _input_grad(self, grad: Tensor, x_shape: torch.Size, weight: Tensor) -> Tensor:
@@ -193,15 +199,9 @@ class QuantizedConv2d(_QuantizedBase):
                      "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(self, attr, getattr(conv, attr))
         self.same_pad = _is_same_pad(conv)
-        self._store(conv.weight, bits)
-        self.bias = conv.bias
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
+        self._store(conv.weight, conv.bias, bits)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return _frozen_forward(self, x)
-
-    def _apply(self, x: Tensor, weight: Tensor) -> Tensor:
+    def _frozen_op(self, x: Tensor, weight: Tensor) -> Tensor:
         return _conv(self, self.same_pad, x, weight, self.bias, self.groups)
 
     def _input_grad(self, grad: Tensor, x_shape: torch.Size, weight: Tensor) -> Tensor:
