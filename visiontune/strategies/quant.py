@@ -75,6 +75,14 @@ class _QuantizedBase(nn.Module):
     def _input_grad(self, grad: Tensor, x_shape: torch.Size, weight: Tensor) -> Tensor:
         raise NotImplementedError
 
+    @torch.no_grad()
+    def _filled(self, out: nn.Module, weight: Tensor) -> nn.Module:
+        """``out`` (a fresh float layer) holding ``weight`` and this layer's bias, frozen (``to_float``)."""
+        out.weight.copy_(weight)
+        if self.bias is not None:
+            out.bias.copy_(self.bias)
+        return out.requires_grad_(False)
+
     def _store(self, weight: Tensor, bias: nn.Parameter | None, bits: int) -> None:
         self.bias = bias  # kept in float, frozen
         if bias is not None:
@@ -170,11 +178,7 @@ class QuantizedLinear(_QuantizedBase):
         """A plain ``nn.Linear`` holding the dequantised weight."""
         w = self.dequantized_weight()
         out = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            out.weight.copy_(w)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out.requires_grad_(False)
+        return self._filled(out, w)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
@@ -227,11 +231,7 @@ class QuantizedConv2d(_QuantizedBase):
         else:
             out = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, padding=self.padding,
                             padding_mode=self.padding_mode, **kw)
-        with torch.no_grad():
-            out.weight.copy_(w)
-            if self.bias is not None:
-                out.bias.copy_(self.bias)
-        return out.requires_grad_(False)
+        return self._filled(out, w)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
