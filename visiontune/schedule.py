@@ -41,9 +41,11 @@ whose parameters need different LRs, and the scheduler's per-group lists with it
 so cosine / one-cycle / plateau schedulers run on unchanged. The callback's ``state_dict`` carries the
 phase, and the matching ``requires_grad`` state is restored in ``on_fit_start``, before the first step.
 
-BatchNorm: ``bn="frozen"`` keeps BatchNorm layers with frozen parameters in eval mode (running statistics
-fixed) until their group thaws; ``bn="train"`` lets them update statistics; ``None`` follows the module's
-``bn`` hyper-parameter (:class:`visiontune.TransferClassifier`), else ``"frozen"``.
+BatchNorm: the same policy function as the module (:func:`visiontune.bn.apply_bn_policy`), re-applied
+after each thaw: ``bn="frozen"`` keeps BatchNorm layers with frozen parameters in eval mode (running
+statistics fixed) until their group thaws; ``bn="eval"`` keeps every BatchNorm layer's pretrained
+statistics; ``bn="train"`` lets them all update statistics; ``None`` follows the module's ``bn``
+hyper-parameter (:class:`visiontune.TransferClassifier`), else ``"frozen"``.
 
 With DDP, use ``strategy="ddp_find_unused_parameters_true"``: frozen parameters produce no gradient.
 
@@ -180,14 +182,14 @@ class _GradualUnfreezeLogic:
         groups_per_phase: Optional[int] = None,
         coarse: bool = False,
         group_patterns: Optional[list[str]] = None,
-        bn: Optional[Literal["frozen", "train"]] = None,
+        bn: Optional[Literal["frozen", "eval", "train"]] = None,
         verbose: bool = True,
     ) -> None:
         super().__init__()
         if phases is not None and (every_n_epochs is not None or groups_per_phase is not None):
             raise ScheduleError("give either phases (explicit) or every_n_epochs / groups_per_phase (implicit), not both")
-        if bn not in (None, "frozen", "train"):
-            raise ScheduleError(f"bn must be 'frozen', 'train' or None, got {bn!r}")
+        if bn not in (None, "frozen", "eval", "train"):
+            raise ScheduleError(f"bn must be 'frozen', 'eval', 'train' or None, got {bn!r}")
         self.phases: Optional[list[Phase]] = parse_phases(phases) if phases is not None else None
         self.every_n_epochs = 1 if every_n_epochs is None else every_n_epochs
         self.groups_per_phase = 1 if groups_per_phase is None else groups_per_phase
@@ -289,14 +291,10 @@ class _GradualUnfreezeLogic:
 
     def _sync_bn(self, pl_module: "L.LightningModule", net: "nn.Module") -> None:
         """BatchNorm modes for the current ``requires_grad`` state (only while the module trains)."""
-        if not pl_module.training:
-            return
-        from torch.nn.modules.batchnorm import _BatchNorm
+        if pl_module.training:
+            from .bn import apply_bn_policy
 
-        for m in net.modules():
-            if isinstance(m, _BatchNorm):
-                frozen = not any(p.requires_grad for p in m.parameters(recurse=False))
-                m.train(not (frozen and self._bn_policy == "frozen"))
+            apply_bn_policy(net, self._bn_policy)
 
     def _prepare_optimizers(self, trainer: "L.Trainer", net: "nn.Module") -> None:
         """Give phases with an ``lr`` their LR (splitting mixed groups) and check the group coverage."""
