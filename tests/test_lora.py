@@ -416,7 +416,7 @@ def test_quantized_layers_rebuild_the_weight_in_backward(make, shape, bits) -> N
 
 # ------------------------------------------------------------------------------------ PEFT parity
 def _peft_parity(base: nn.Module, images: torch.Tensor, options: dict) -> None:
-    peft = pytest.importorskip("peft")
+    import peft  # a dev dependency: parity is checked, never skipped
     ours, theirs = copy.deepcopy(base), copy.deepcopy(base)
     cfg = LoRAConfig(init="gaussian", **options)
     layers = inject_lora(ours, cfg)

@@ -3,7 +3,6 @@ uninterrupted one; same seed â†’ same run (workers included); different seeds â†
 
 from __future__ import annotations
 
-import inspect
 import os
 import signal
 import subprocess
@@ -95,8 +94,6 @@ def test_sigkill_mid_training_then_resume_equals_uninterrupted(data, tmp_path):
 
 @pytest.mark.slow
 def test_fixmatch_sigkill_resume(data, tmp_path):
-    if "semi_supervised" not in inspect.signature(TransferClassifier.__init__).parameters:
-        pytest.skip("TransferClassifier has no semi_supervised option yet (FixMatch is being integrated)")
     # 4 labels per class (2 labeled batches per epoch), the rest of train as the unlabeled pool
     fixmatch = {"semi_supervised": {"threshold": 0.5, "mu": 1}}
     _kill_resume_compare(data, tmp_path, {"fixmatch": ("full", 0, fixmatch,

@@ -43,11 +43,7 @@ def _load_tools() -> None:
     import importlib
 
     for mod in ("visiontune.checks", "visiontune.compare", "visiontune.schedule", "visiontune.tuning"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name != mod:
-                raise
+        importlib.import_module(mod)
 
 
 def _cli_class():

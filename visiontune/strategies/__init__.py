@@ -30,12 +30,8 @@ def _load_builtins() -> None:
     if _loaded:
         return
     _loaded = True
-    for mod in _BUILTIN_MODULES:
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:
-            if exc.name != f"{__name__}.{mod}":
-                raise
+    for mod in _BUILTIN_MODULES:  # built-ins: a missing one is a broken install and must fail loudly
+        importlib.import_module(f"{__name__}.{mod}")
 
 
 __all__ = list(_base.__all__)
