@@ -107,18 +107,27 @@ def test_classes_from_data_checkpoint_roundtrip_and_predict(tmp_path):
 
 @pytest.mark.slow
 def test_few_label_finetuning_beats_frozen_feature_baseline():
-    """digits, 5 labels/class, offline lite0 at 64 px: frozen features + logistic regression ≈ 0.77-0.80."""
+    """digits, 5 labels/class, offline lite0 at 64 px: full fine-tuning with pretrained BatchNorm statistics
+    beats a logistic regression on the frozen features of the same images by a clear margin (measured:
+    baseline 0.716, fine-tuned 0.87)."""
+    from visiontune import frozen_feature_baseline
+
+    def data():
+        return ImageDataModule(train="digits", image_size=64, batch_size=25, hflip=False, labels_per_class=5,
+                               val_split=0.3, crop_scale=(0.8, 1.0), num_workers=0)
+
+    baseline = frozen_feature_baseline("tf_efficientnet_lite0", data(), weights="package", split="val")
+    assert baseline.n_train == 50 and baseline.n_eval == 539
     L.seed_everything(0)
     torch.manual_seed(0)
-    dm = ImageDataModule(train="digits", image_size=64, batch_size=25, hflip=False, labels_per_class=5,
-                         val_split=0.3, crop_scale=(0.8, 1.0), num_workers=0)
+    dm = data()
     model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy="full", lr=1e-3,
                                warmup_steps=0.1, bn="eval")
     trainer = L.Trainer(max_epochs=30, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, check_val_every_n_epoch=30)
     trainer.fit(model, dm)
     acc = float(trainer.callback_metrics["val_acc"])
-    assert acc > 0.80, acc
+    assert acc >= baseline.accuracy + 0.08, (acc, baseline.accuracy)
 
 
 def test_sparse_gradient_masks_are_calibrated_before_training():

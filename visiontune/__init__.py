@@ -37,32 +37,28 @@ _EXPORTS: dict[str, str] = {
     # model, reports, cli
     "TransferClassifier": "module", "RunReport": "report", "PredictionCSVWriter": "report",
     "main": "cli",
+    # strategies with their own modules
+    "LoRAConfig": "strategies.lora", "QLoRAConfig": "strategies.lora", "merge": "strategies.lora",
+    "unmerge": "strategies.lora", "merge_and_unload": "strategies.lora",
+    "AdapterConfig": "strategies.adapter", "VPTConfig": "strategies.prompt",
+    "SparseConfig": "strategies.sparse",
+    # semi-supervision and new classes
+    "FixMatchConfig": "semisup", "expand_classes": "classes", "ClassExpansionConfig": "classes",
+    "split_accuracy": "classes", "new_accuracy_at": "classes",
+    "FixMatchState": "fixmatch", "ClassExpansion": "expansion",
+    # deltas and tasks
+    "save_delta": "delta", "load_delta": "delta", "build_from_delta": "delta_build",
+    "delta_from_file": "delta", "DeltaError": "delta", "DeltaWriter": "delta_writer",
+    "TaskBank": "tasks",
+    # schedules, comparison, caching, checkpoints, checks
+    "GradualUnfreeze": "schedule", "compare": "compare", "compare_from_config": "compare",
+    "FeatureCache": "cache",
+    "AtomicCheckpointIO": "checkpoint", "LatestCheckpoint": "checkpoint",
+    "CheckpointMismatchError": "checkpoint", "check_data": "checks",
+    "apply_bn_policy": "bn", "frozen_feature_baseline": "baseline", "BaselineResult": "baseline",
 }
 
 
-def _optional_exports() -> None:
-    """Exports of modules that may not exist in every build (added by later features)."""
-    extra = {
-        "LoRAConfig": "strategies.lora", "QLoRAConfig": "strategies.lora", "merge": "strategies.lora",
-        "unmerge": "strategies.lora", "merge_and_unload": "strategies.lora",
-        "AdapterConfig": "strategies.adapter", "VPTConfig": "strategies.prompt",
-        "SparseConfig": "strategies.sparse",
-        "FixMatchConfig": "semisup", "expand_classes": "classes", "ClassExpansionConfig": "classes",
-        "split_accuracy": "classes", "new_accuracy_at": "classes",
-        "FixMatchState": "fixmatch", "ClassExpansion": "expansion",
-        "save_delta": "delta", "load_delta": "delta", "build_from_delta": "delta_build",
-        "delta_from_file": "delta", "DeltaError": "delta", "DeltaWriter": "delta_writer",
-        "TaskBank": "tasks",
-        "GradualUnfreeze": "schedule", "compare": "compare", "compare_from_config": "compare",
-        "FeatureCache": "cache",
-        "AtomicCheckpointIO": "checkpoint", "LatestCheckpoint": "checkpoint",
-        "CheckpointMismatchError": "checkpoint", "check_data": "checks",
-    }
-    for name, mod in extra.items():
-        _EXPORTS.setdefault(name, mod)
-
-
-_optional_exports()
 __all__ = sorted([*_EXPORTS, "__version__"])
 
 

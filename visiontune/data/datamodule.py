@@ -344,8 +344,21 @@ class ImageDataModule(L.LightningDataModule):
         s = self.train_samples
         return list(s.class_names) if s is not None else None
 
+    def use_data_config(self, config: dict[str, Any]) -> "ImageDataModule":
+        """Normalise for a backbone outside a Trainer (mean, std, input size, interpolation, as returned by
+        :func:`visiontune.data_config`); inside a Trainer the model's config is used.
+
+        Example:
+            >>> from visiontune import create_backbone, data_config
+            >>> dm = ImageDataModule(train="digits", image_size=32)
+            >>> dm.use_data_config(data_config(create_backbone("tf_efficientnet_lite0")))._resolve_normalisation()[1]
+            (0.5, 0.5, 0.5)
+        """
+        self._data_config = dict(config)
+        return self
+
     def _resolve_normalisation(self) -> tuple[int, tuple, tuple, str]:
-        cfg: dict[str, Any] = {}
+        cfg: dict[str, Any] = dict(getattr(self, "_data_config", None) or {})
         trainer = getattr(self, "trainer", None)
         module = getattr(trainer, "lightning_module", None) if trainer is not None else None
         if module is not None and hasattr(module, "data_config"):
