@@ -398,3 +398,46 @@ def test_module_use_task_switches_heads_and_metrics(tmp_path):
     with _torch.no_grad():
         _torch.testing.assert_close(host(x), want_a)
     assert host.metrics["val"]["acc"].num_classes == 3
+
+
+def test_resumed_fit_and_load_keep_the_weight_source(tmp_path, monkeypatch, capsys):
+    """A fit resumed with --ckpt_path (and a model from TransferClassifier.load) keeps its weight source: the
+    resumed run's delta records the base it was trained on and rebuilds the resumed model (issue #11, 2)."""
+    import yaml
+
+    from conftest import make_folder
+    from visiontune import TransferClassifier
+    from visiontune.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    data = make_folder(tmp_path / "imgs", per_class=3)
+    common = ["--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.limit_train_batches=1",
+              "--trainer.limit_val_batches=1", "--data.image_size=32", "--data.num_workers=0",
+              "--data.batch_size=4", "--save_delta.source=last", f"--data.train={data}"]
+
+    def delta_of_run() -> Path:
+        line = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("visiontune delta:")][-1]
+        return Path(line.split(":", 1)[1].split(" (")[0].strip())
+
+    main(["fit", *common, "--trainer.max_epochs=1", "--model.backbone=tf_efficientnet_lite0",
+          "--model.weights=package", "--model.strategy=lora", "--model.strategy_args={rank: 2}"])
+    first = delta_of_run().parent / "last.ckpt"
+    main(["fit", *common, "--trainer.max_epochs=2", f"--ckpt_path={first}"])
+    delta = delta_of_run()
+    assert delta.parent != first.parent
+    run = delta.parent.parent
+    assert yaml.safe_load((run / "config.yaml").read_text())["model"]["weights"] == "package"
+    _, meta = delta_from_file(delta)
+    assert meta["weights"] == "package"
+
+    resumed = TransferClassifier.load(str(delta.parent / "last.ckpt"))
+    assert resumed.hparams.weights == "package"
+    assert torch.load(delta.parent / "last.ckpt", weights_only=True)["epoch"] == 1  # it did resume and train
+    rebuilt = build_from_delta(delta)  # the package base, checked tensor by tensor
+    resumed.eval()
+    with torch.no_grad():
+        want = resumed(X)
+        assert torch.allclose(rebuilt(X), want, rtol=0, atol=1e-6)
+    # a delta of the loaded model records the true source too
+    _, meta = delta_from_file(save_delta(resumed, tmp_path / "loaded.safetensors"))
+    assert meta["weights"] == "package"

@@ -47,33 +47,39 @@ def _load_tools() -> None:
 
 
 def _cli_class():
+    import contextlib
+
     from lightning.pytorch.callbacks import RichProgressBar
     from lightning.pytorch.cli import LightningCLI
 
     from .data import ImageDataModule
     from .delta import DeltaWriter, apply_delta_to_module, module_arguments_from_delta
-    from .module import TransferClassifier
+    from .module import TransferClassifier, weights_from_checkpoint
     from .report import PredictionCSVWriter, RunReport
 
     class VisionTuneCLI(LightningCLI):
         """LightningCLI with visiontune's defaults: run directory, checkpoints, report, predictions CSV."""
 
         def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
-            super().__init__(
-                TransferClassifier,
-                ImageDataModule,
-                seed_everything_default=0,
-                save_config_kwargs={"overwrite": True},
-                trainer_defaults={
-                    "logger": {
-                        "class_path": "lightning.pytorch.loggers.CSVLogger",
-                        "init_args": {"save_dir": "runs", "name": "visiontune"},
+            # --ckpt_path: the classes are instantiated inside weights_from_checkpoint() (before_instantiate_classes
+            # enters it, instantiate_trainer leaves it, and so does any error before)
+            self._restoring = contextlib.ExitStack()
+            with self._restoring:
+                super().__init__(
+                    TransferClassifier,
+                    ImageDataModule,
+                    seed_everything_default=0,
+                    save_config_kwargs={"overwrite": True},
+                    trainer_defaults={
+                        "logger": {
+                            "class_path": "lightning.pytorch.loggers.CSVLogger",
+                            "init_args": {"save_dir": "runs", "name": "visiontune"},
+                        },
+                        "enable_model_summary": False,
                     },
-                    "enable_model_summary": False,
-                },
-                args=list(args) if args is not None else None,
-                run=run,
-            )
+                    args=list(args) if args is not None else None,
+                    run=run,
+                )
 
         def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
             from .checkpoint import LatestCheckpoint  # ModelCheckpoint, but last.ckpt = the latest epoch
@@ -112,6 +118,7 @@ def _cli_class():
 
             from .checkpoint import AtomicCheckpointIO
 
+            self._restoring.close()  # the model exists: TransferClassifiers made from now on read their weights
             trainer = super().instantiate_trainer(**kwargs)
             # checkpoints: atomic writes, weights_only loads (unless the user brought their own CheckpointIO)
             if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
@@ -123,8 +130,9 @@ def _cli_class():
             if sub and self.config[sub].get("delta"):
                 self._model_from_delta(self.config[sub])
             if sub and self.config[sub].get("ckpt_path"):
-                # every weight comes from the checkpoint: never download or re-read the pretrained ones
-                self.config[sub].model.weights = None
+                # every weight comes from the checkpoint: never download or re-read the pretrained ones, but keep
+                # model.weights (config.yaml, checkpoints and deltas record the base the model was trained on)
+                self._restoring.enter_context(weights_from_checkpoint())
 
         def _model_from_delta(self, cfg) -> None:
             if cfg.get("ckpt_path"):

@@ -112,8 +112,7 @@ def _describe(
         args = dict(h.get("backbone_args") or {})
         if h.get("drop_path_rate") is not None:
             args["drop_path_rate"] = h["drop_path_rate"]
-        # `weights_source` survives TransferClassifier.load(), which sets hparams.weights=None
-        w = weights if weights is not None else getattr(model, "weights_source", None) or h.get("weights")
+        w = weights if weights is not None else h.get("weights")
         return _Info(
             net=model.net, module=model, backbone=backbone or h["backbone"],
             weights=None if w is None else str(w),

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import math
+from collections.abc import Iterator
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
@@ -26,7 +29,32 @@ from .semisup import FixMatchConfig
 from .strategies import StrategyConfig, apply_strategy, make_strategy_config, trainable_parameter_count
 from .strategies.base import strategy_name
 
-__all__ = ["TransferClassifier"]
+__all__ = ["TransferClassifier", "weights_from_checkpoint"]
+
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "visiontune_weights_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Context: TransferClassifiers created inside get all their weights from a checkpoint loaded next.
+
+    They build their network without reading the pretrained ``weights`` (no download, no file read), yet keep
+    ``hparams.weights`` as it is: the base the model was trained on, which checkpoints, configs and task deltas
+    record. :meth:`TransferClassifier.load` and ``visiontune ... --ckpt_path`` use it.
+
+    Example:
+        >>> with weights_from_checkpoint():
+        ...     m = TransferClassifier("resnet18", weights="hub", num_classes=2)  # random init, no download
+        >>> m.hparams.weights, m.weights_from_checkpoint
+        ('hub', True)
+    """
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -135,6 +163,8 @@ class TransferClassifier(L.LightningModule):
         semi_supervised = dataclasses.asdict(fixmatch_cfg) if fixmatch_cfg else None  # plain hparams
         class_expansion = dataclasses.asdict(expansion_cfg) if expansion_cfg else None
         self.save_hyperparameters()
+        # the weights will come from a checkpoint (see weights_from_checkpoint): do not read hparams.weights
+        self.weights_from_checkpoint: bool = _WEIGHTS_FROM_CHECKPOINT.get()
         self._fixmatch = FixMatchState(fixmatch_cfg) if fixmatch_cfg else None
         self._expansion = ClassExpansion(init_from, expansion_cfg or ClassExpansionConfig()) if init_from else None
         self.net: nn.Module | None = None
@@ -151,7 +181,8 @@ class TransferClassifier(L.LightningModule):
         kwargs = dict(h.backbone_args or {})
         if h.drop_path_rate is not None:
             kwargs["drop_path_rate"] = h.drop_path_rate
-        net = create_backbone(h.backbone, weights, num_classes=num_classes, **kwargs)
+        net = create_backbone(h.backbone, None if self.weights_from_checkpoint else weights,
+                              num_classes=num_classes, **kwargs)
         if prepare is not None:  # before the strategy: e.g. load old weights and add classes (expansion)
             num_classes = prepare(net)
         self.strategy_config = apply_strategy(net, self.strategy_config)
@@ -435,12 +466,14 @@ class TransferClassifier(L.LightningModule):
     def load(cls, path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> "TransferClassifier":
         """Load a checkpoint without fetching backbone weights again (they are in the checkpoint).
 
+        ``hparams.weights`` stays the weight source the model was trained on (what its deltas record).
+
         Example:
             >>> model = TransferClassifier.load("runs/quickstart/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
         """
         # weights_only: a checkpoint is data, never code (a planted pickle is refused before it runs)
-        return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, weights=None,
-                                        **overrides)
+        with weights_from_checkpoint():
+            return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
 
 
 def _is_number(x: Any) -> bool:
