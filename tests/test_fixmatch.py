@@ -312,3 +312,50 @@ def test_fixmatch_adds_classes_better_than_labeled_only(old_checkpoint, digit_ar
         assert fm["val_acc_old"] >= base - 0.02  # old classes kept
         assert fm["val_acc_new"] >= matched["acc_new"] + 0.10  # new classes: FixMatch well ahead at equal old acc
         assert fm["val_acc"] > sup["val_acc"] + 0.3  # labeled-only trades the old classes for the new ones
+
+
+def test_delta_holds_the_evaluated_ema_weights(tmp_path):
+    """Validation and the best checkpoint see the EMA teacher: save_delta and DeltaWriter (last and best) save
+    the teacher's weights, say so (``weights_of``), and rebuild the module's eval logits (issue #11, 3)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from visiontune.delta import DeltaWriter, build_from_delta, delta_from_file, save_delta
+
+    model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy="lora",
+                               strategy_args={"rank": 2}, lr=1e-2,
+                               semi_supervised=FixMatchConfig(threshold=0.5, mu=1, ema=0.9))
+    dm = ImageDataModule(train="digits", image_size=32, batch_size=4, labels_per_class=2, unlabeled="rest",
+                         hflip=False, num_workers=0, seed=0)
+    best_writer = DeltaWriter(dirpath=str(tmp_path / "best"), source="best")
+    last_writer = DeltaWriter(dirpath=str(tmp_path / "last"), source="last")
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=4, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[ModelCheckpoint(dirpath=tmp_path / "ckpt"), best_writer, last_writer])
+    trainer.fit(model, dm)
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.eval()
+    assert model.evaluated_weights_of == "ema" and model.evaluated_net() is model._fixmatch.teacher.module
+    with torch.no_grad():
+        ema, student = model(x), model.net(x)
+    assert not torch.allclose(ema, student, atol=1e-4)  # the teacher lags behind the student
+
+    def rebuilt_logits(path) -> torch.Tensor:
+        with torch.no_grad():
+            return build_from_delta(path)(x)  # checks the base: the teacher's frozen tensors are the base's
+
+    for path in (save_delta(model, tmp_path / "saved.safetensors"), last_writer.written):
+        assert delta_from_file(path)[1]["weights_of"] == "ema"
+        assert torch.allclose(rebuilt_logits(path), ema, rtol=0, atol=1e-6), path
+    student_delta = save_delta(model, tmp_path / "student.safetensors", weights_of="model")
+    assert delta_from_file(student_delta)[1]["weights_of"] == "model"
+    assert torch.allclose(rebuilt_logits(student_delta), student, rtol=0, atol=1e-6)
+
+    # best: the teacher as it was when the checkpoint was saved, not the live one
+    best = trainer.checkpoint_callback.best_model_path
+    with torch.no_grad():
+        from_ckpt = TransferClassifier.load(best).eval()(x)
+        for p in model._fixmatch.teacher.module.parameters():
+            p.add_(0.1)
+    best_writer.on_fit_end(trainer, model)
+    assert delta_from_file(best_writer.written)[1]["weights_of"] == "ema"
+    assert torch.allclose(rebuilt_logits(best_writer.written), from_ckpt, rtol=0, atol=1e-6)

@@ -9,11 +9,12 @@ A delta is a ``.safetensors`` file (never a pickle: loading one cannot run code)
   (``"train"``: all; ``"frozen"``: those whose affine parameters are in the delta; ``"eval"``: none);
 
 and a string header with the backbone, weight source, strategy name and options (JSON), class names, bn
-policy, visiontune version, and a short hash of every base tensor the delta does *not* hold. Loading checks
-all of it against the target model and names what does not fit (backbone, strategy option, class count,
-missing / unexpected keys, shapes, base tensors that differ from the base the delta was trained on), so a
-delta loaded into a freshly built base (same backbone + weights + strategy) reproduces the fine-tuned
-logits exactly, or fails loudly.
+policy, which weights it holds (``weights_of``: ``"ema"`` when an EMA of the weights evaluated the model, as
+FixMatch's EMA teacher does, else ``"model"``), visiontune version, and a short hash of every base tensor the
+delta does *not* hold. Loading checks all of it against the target model and names what does not fit
+(backbone, strategy option, class count, missing / unexpected keys, shapes, base tensors that differ from the
+base the delta was trained on), so a delta loaded into a freshly built base (same backbone + weights +
+strategy) reproduces the fine-tuned logits exactly, or fails loudly.
 
 Example:
     >>> import visiontune as vt
@@ -30,6 +31,7 @@ Importing this module does not import Lightning (``DeltaWriter`` loads it on fir
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -86,6 +88,7 @@ class _Info:
     class_names: list[str] | None
     bn: str
     backbone_args: dict[str, Any] = field(default_factory=dict)
+    weights_of: str = "model"  # "ema" | "model": which weights `net` holds (metadata `weights_of`)
 
 
 def _is_module(model: Any) -> bool:
@@ -102,7 +105,14 @@ def _describe(
     weights: str | os.PathLike | None = None,
     bn: str | None = None,
     backbone_args: Mapping[str, Any] | None = None,
+    weights_of: str = "model",
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> _Info:
+    """What a delta of ``model`` is about. ``weights_of="evaluated"`` (saving): the network that evaluates a
+    TransferClassifier (:meth:`~visiontune.TransferClassifier.evaluated_net`: its EMA, if it keeps one);
+    ``"model"``: ``model.net`` (loading, task banks). ``checkpoint``: that network as in this checkpoint dict."""
+    if weights_of not in ("evaluated", "model"):
+        raise DeltaError(f"weights_of must be 'evaluated' or 'model', got {weights_of!r}")
     if _is_module(model):
         if model.net is None:
             raise DeltaError(
@@ -113,11 +123,12 @@ def _describe(
         if h.get("drop_path_rate") is not None:
             args["drop_path_rate"] = h["drop_path_rate"]
         w = weights if weights is not None else h.get("weights")
+        net, held = _held_net(model, weights_of, checkpoint)
         return _Info(
-            net=model.net, module=model, backbone=backbone or h["backbone"],
+            net=net, module=model, backbone=backbone or h["backbone"],
             weights=None if w is None else str(w),
             class_names=list(class_names or model.class_names or []) or None,
-            bn=bn or h.get("bn", "frozen"), backbone_args={**args, **dict(backbone_args or {})},
+            bn=bn or h.get("bn", "frozen"), backbone_args={**args, **dict(backbone_args or {})}, weights_of=held,
         )
     if not isinstance(model, nn.Module):
         raise DeltaError(f"expected a TransferClassifier or a timm model, got {type(model).__name__}")
@@ -128,6 +139,18 @@ def _describe(
         class_names=list(class_names) if class_names is not None else None,
         bn=bn or "train", backbone_args=dict(backbone_args or {}),
     )
+
+
+def _held_net(model: nn.Module, weights_of: str, checkpoint: Mapping[str, Any] | None) -> tuple[nn.Module, str]:
+    """The network of a TransferClassifier a delta holds, and which weights these are (``"ema"``/``"model"``)."""
+    if weights_of == "evaluated" and hasattr(model, "evaluated_net"):
+        return model.evaluated_net(checkpoint), model.evaluated_weights_of
+    if checkpoint is None:
+        return model.net, "model"
+    net = copy.deepcopy(model.net)
+    net.load_state_dict({k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")},
+                        strict=True)
+    return net, "model"
 
 
 def _strategy(net: nn.Module) -> Any:
@@ -258,6 +281,7 @@ def _write(info: _Info, path: str | os.PathLike) -> Path:
         "class_names": json.dumps(list(info.class_names)),
         "num_classes": str(len(info.class_names)),
         "bn": info.bn,
+        "weights_of": info.weights_of,
         "backbone_args": json.dumps(_jsonable(info.backbone_args), sort_keys=True),
         "head": json.dumps(layout.head),
         "base_hashes": json.dumps(_base_hashes(net, skip), sort_keys=True),
@@ -274,6 +298,7 @@ def save_delta(
     weights: str | os.PathLike | None = None,
     bn: str | None = None,
     backbone_args: Mapping[str, Any] | None = None,
+    weights_of: str = "evaluated",
 ) -> Path:
     """Write the task delta of ``model`` to a ``.safetensors`` file, atomically.
 
@@ -288,6 +313,10 @@ def save_delta(
         bn: BatchNorm policy the model trained under (decides which running statistics are saved);
             TransferClassifier: its ``bn``; bare net: ``"train"`` (``net.train()`` updates every BatchNorm).
         backbone_args: extra ``timm.create_model`` arguments needed to rebuild the base (``img_size``...).
+        weights_of: TransferClassifier: ``"evaluated"`` saves the network that evaluates it (validation, test,
+            predict: its EMA when training keeps one, see :meth:`~visiontune.TransferClassifier.evaluated_net`);
+            ``"model"`` saves ``model.net``, the trained weights themselves. The metadata's ``weights_of`` says
+            which one the file holds (``"ema"`` or ``"model"``).
 
     Returns:
         ``Path(path)``.
@@ -300,7 +329,7 @@ def save_delta(
         >>> save_delta(net, "task.safetensors", class_names=["a", "b", "c"])  # doctest: +SKIP
     """
     info = _describe(model, class_names=class_names, backbone=backbone, weights=weights, bn=bn,
-                     backbone_args=backbone_args)
+                     backbone_args=backbone_args, weights_of=weights_of)
     return _write(info, path)
 
 
@@ -315,8 +344,9 @@ def delta_from_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
 
     Returns:
         ``(tensors, metadata)``; metadata keys: ``backbone``, ``weights``, ``strategy``,
-        ``strategy_config`` (dict), ``class_names`` (list), ``num_classes`` (int), ``bn``,
-        ``backbone_args`` (dict), ``head`` (list), ``base_hashes`` (dict), ``visiontune_version``, ...
+        ``strategy_config`` (dict), ``class_names`` (list), ``num_classes`` (int), ``bn``, ``weights_of``
+        (``"ema"``/``"model"``), ``backbone_args`` (dict), ``head`` (list), ``base_hashes`` (dict),
+        ``visiontune_version``, ...
 
     Example:
         >>> tensors, meta = delta_from_file("task.safetensors")  # doctest: +SKIP
@@ -349,6 +379,7 @@ def delta_from_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     except (ValueError, TypeError) as exc:
         raise DeltaError(f"{str(p)!r}: corrupt delta metadata ({exc})") from None
     meta["weights"] = None if meta.get("weights") in (None, "none") else meta["weights"]
+    meta.setdefault("weights_of", "model")  # deltas from before the field held the model's own weights
     return tensors, meta
 
 

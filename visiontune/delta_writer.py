@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 from pathlib import Path
 from typing import Literal, Optional
@@ -27,6 +26,9 @@ class DeltaWriter(Callback):
         dirpath: folder to write into instead of the checkpoint folder.
         source: ``"best"``: the weights of the best checkpoint (the ``ModelCheckpoint`` monitor), falling
             back to the final weights when there is none; ``"last"``: the final weights.
+        weights_of: ``"evaluated"``: the network that evaluated the model, the one validation ranked (its EMA
+            when training keeps one, e.g. FixMatch's EMA teacher); ``"model"``: the trained network itself.
+            See :func:`visiontune.delta.save_delta`.
         enabled: ``False`` writes nothing.
 
     Example:
@@ -41,13 +43,17 @@ class DeltaWriter(Callback):
         filename: str = "delta.safetensors",
         dirpath: Optional[str] = None,
         source: Literal["best", "last"] = "best",
+        weights_of: Literal["evaluated", "model"] = "evaluated",
         enabled: bool = True,
     ) -> None:
         if source not in ("best", "last"):
             raise ValueError(f"delta writer: source must be 'best' or 'last', got {source!r}")
+        if weights_of not in ("evaluated", "model"):
+            raise ValueError(f"delta writer: weights_of must be 'evaluated' or 'model', got {weights_of!r}")
         self.filename = filename
         self.dirpath = dirpath
         self.source = source
+        self.weights_of = weights_of
         self.enabled = enabled
         self.written: Path | None = None
 
@@ -59,31 +65,28 @@ class DeltaWriter(Callback):
             return Path(ckpt.dirpath)
         return Path(trainer.log_dir or trainer.default_root_dir)
 
-    def _best_net(self, trainer: L.Trainer, pl_module: L.LightningModule):
-        """A copy of the net with the best checkpoint's weights, or None (then: the final weights)."""
+    def _best_checkpoint(self, trainer: L.Trainer) -> dict | None:
+        """The best checkpoint (a dict), or None (then: the final weights)."""
         ckpt = trainer.checkpoint_callback
         best = getattr(ckpt, "best_model_path", "") if ckpt is not None else ""
         if not best or not Path(best).is_file():
             return None
         try:
-            state = safe_torch_load(best)["state_dict"]
+            checkpoint = safe_torch_load(best)
+            if "state_dict" not in checkpoint:
+                raise KeyError("no 'state_dict'")
         except (ValueError, KeyError) as exc:
             warnings.warn(f"delta writer: cannot read {best} ({exc}); writing the final weights", stacklevel=2)
             return None
-        net = copy.deepcopy(pl_module.net)
-        prefix = "net."
-        net.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, strict=True)
-        return net
+        return checkpoint
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not self.enabled or not trainer.is_global_zero or getattr(pl_module, "net", None) is None:
             return
-        info = _describe(pl_module)
-        if self.source == "best":
-            best = self._best_net(trainer, pl_module)
-            if best is not None:
-                info.net = best
+        checkpoint = self._best_checkpoint(trainer) if self.source == "best" else None
+        # the network that evaluated (its EMA, if any), as the best checkpoint holds it: what validation ranked
+        info = _describe(pl_module, weights_of=self.weights_of, checkpoint=checkpoint)
         path = _write(info, self._folder(trainer) / self.filename)
         self.written = path
         print(f"visiontune delta: {path} ({path.stat().st_size / 1024:.1f} KB, "

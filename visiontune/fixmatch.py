@@ -151,12 +151,15 @@ class FixMatchState:
         self.pool_size = len(pool)
 
     # ------------------------------------------------------------------ lazily built helpers
-    def _ensure(self, module: "TransferClassifier") -> None:
-        cfg, n = self.cfg, module.num_classes
-        if cfg.ema is not None and self.teacher is None:
-            self.teacher = EMATeacher(module.net, cfg.ema)
+    def _ensure_teacher(self, module: "TransferClassifier") -> None:
+        if self.cfg.ema is not None and self.teacher is None:
+            self.teacher = EMATeacher(module.net, self.cfg.ema)
             if "teacher" in self._pending:
                 self.teacher.load_state_dict(self._pending.pop("teacher"))
+
+    def _ensure(self, module: "TransferClassifier") -> None:
+        cfg, n = self.cfg, module.num_classes
+        self._ensure_teacher(module)
         if cfg.distribution_alignment and self.da is None:
             self.da = DistributionAlignment(n)
             if "da" in self._pending:
@@ -172,23 +175,18 @@ class FixMatchState:
                 self.flex.load_state_dict(pending)
 
     def teacher_module(self, module: "TransferClassifier") -> nn.Module | None:
-        """The EMA teacher (moved to the student's device), or ``None`` without ``ema``."""
+        """The EMA teacher (moved to the student's device), or ``None`` without ``ema``.
+
+        It evaluates the model: see :meth:`TransferClassifier.evaluated_net`.
+        """
         if self.cfg.ema is None:
             return None
-        self._ensure(module)
+        self._ensure_teacher(module)
         assert self.teacher is not None
         first = next(module.net.parameters(), None)
         if first is not None and next(self.teacher.module.parameters()).device != first.device:
             self.teacher.module.to(first.device)
         return self.teacher.module
-
-    def eval_forward(self, module: "TransferClassifier", x: Tensor) -> Tensor:
-        """Evaluation logits: the EMA teacher's when there is one, else the student's."""
-        teacher = self.teacher_module(module)
-        if teacher is None:
-            return module.net(x)
-        with torch.no_grad():
-            return teacher(x)
 
     def weak_logits(self, module: "TransferClassifier", x_weak: Tensor) -> Tensor:
         """Detached logits of the weak views (teacher in eval mode, or the student as it is; no graph)."""

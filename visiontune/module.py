@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import copy
 import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
@@ -243,9 +244,46 @@ class TransferClassifier(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.features_input:
             return self.net.forward_head(x)
-        if self._fixmatch is not None and not self.training:  # the EMA teacher evaluates, if there is one
-            return self._fixmatch.eval_forward(self, x)
+        if not self.training:
+            net = self.evaluated_net()
+            if net is not self.net:  # an EMA of the weights evaluates: no graph through it
+                with torch.no_grad():
+                    return net(x)
         return self.net(x)
+
+    def evaluated_net(self, checkpoint: Optional[Mapping[str, Any]] = None) -> nn.Module:
+        """The network that evaluates: eval-mode ``forward`` (validation, test, predict, and so the best
+        checkpoint's choice) runs it, and task deltas (``DeltaWriter``, ``save_delta``, ``compare``) save it.
+
+        The EMA of the weights when training keeps one (FixMatch's EMA teacher, ``semi_supervised.ema``; see
+        :attr:`evaluated_weights_of`), else :attr:`net` itself.
+
+        Args:
+            checkpoint: a checkpoint of this model (a dict, e.g. the best one): a copy of the network that
+                evaluated when it was saved, with its weights then.
+
+        Example:
+            >>> model = TransferClassifier("resnet18", weights=None, num_classes=2)
+            >>> model.evaluated_net() is model.net, model.evaluated_weights_of
+            (True, 'model')
+        """
+        ema = self._fixmatch.teacher_module(self) if self._fixmatch is not None else None
+        net = ema if ema is not None else self.net
+        if checkpoint is None:
+            return net
+        state = None
+        if ema is not None:  # a teacher not built yet at the checkpoint would have been the student
+            state = ((checkpoint.get("visiontune_fixmatch") or {}).get("teacher") or {}).get("module")
+        if state is None:
+            state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        net = copy.deepcopy(net)
+        net.load_state_dict(state, strict=True)
+        return net
+
+    @property
+    def evaluated_weights_of(self) -> Literal["ema", "model"]:
+        """Which weights :meth:`evaluated_net` holds: ``"ema"`` (an EMA of the trained weights) or ``"model"``."""
+        return "ema" if self._fixmatch is not None and self._fixmatch.cfg.ema is not None else "model"
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)

@@ -200,7 +200,9 @@ class EMATeacher:
 
         teacher = decay * teacher + (1 - decay) * student
 
-    and copies non-floating buffers (``num_batches_tracked``). The teacher is a deep copy, kept in
+    (as ``teacher.lerp_(student, 1 - decay)``: exact where the student equals the teacher, so the frozen
+    tensors a strategy never trains stay bit-identical to the base and a task delta of the teacher loads onto
+    the base), and copies non-floating buffers (``num_batches_tracked``). The teacher is a deep copy, kept in
     eval mode with ``requires_grad=False``. It is deliberately not an ``nn.Module`` attribute: its
     parameters must not reach an optimizer built from ``model.parameters()`` and a parent's
     ``.train()`` must not flip it; persist it with :meth:`state_dict` (e.g. in Lightning's
@@ -253,8 +255,8 @@ class EMATeacher:
             self._module.to(first.device)
         d = self.decay
         for _, t, s, average in self._pairs(model):
-            if average:
-                t.mul_(d).add_(s.detach().to(t.dtype), alpha=1.0 - d)
+            if average:  # not mul_ + add_: d * t + (1 - d) * t rounds away from t
+                t.lerp_(s.detach().to(t.dtype), 1.0 - d)
             else:
                 t.copy_(s)
         self.num_updates += 1
