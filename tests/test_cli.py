@@ -118,3 +118,62 @@ def test_new_classes_yaml_adds_a_class_to_a_cli_trained_model(tmp_path, capsys, 
     assert json.loads((run / "class_names.json").read_text()) == ["green", "red", "blue"]  # old (sorted) + new
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"val_acc", "val_acc_old", "val_acc_new"} <= set(metrics)
+
+
+def test_lightning_pin_admits_only_clis_that_read_checkpoint_hparams():
+    """`predict --ckpt_path CKPT` with no config rebuilds the model from the checkpoint's hyper-parameters, which
+    LightningCLI does from 2.5.5 on (``_parse_ckpt_path``, Lightning PR #21116): the pin must exclude older ones."""
+    tomllib = pytest.importorskip("tomllib")
+    from importlib.metadata import version
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    spec = next(Requirement(d) for d in deps if Requirement(d).name == "lightning").specifier
+    assert not spec.contains("2.5.4") and not spec.contains("2.4.0")
+    assert spec.contains("2.5.5") and spec.contains(version("lightning"))
+    from lightning.pytorch.cli import LightningCLI
+
+    assert hasattr(LightningCLI, "_parse_ckpt_path")
+
+
+@pytest.mark.parametrize("backbone,strategy", [
+    ("resnet18", "lora"), ("resnet18", "sparse"), ("vit", "adapter"), ("vit", "vpt"),
+])
+def test_predict_from_checkpoint_alone(tmp_path, capsys, monkeypatch, backbone, strategy):
+    """README: `visiontune predict --ckpt_path CKPT --data.predict photos/` with no config rebuilds the model
+    (backbone, backbone_args, strategy and its options, classes) from the checkpoint: its predictions.csv is
+    the checkpoint's model's own predictions (issue #11, 4)."""
+    import lightning as L
+    import torch
+
+    from visiontune import ImageDataModule, TransferClassifier
+
+    monkeypatch.chdir(tmp_path)
+    data = make_folder(tmp_path / "imgs", per_class=2)
+    model_args = {"resnet18": ["--model.backbone=resnet18"],
+                  "vit": ["--model.backbone=vit_tiny_patch16_224",
+                          "--model.backbone_args={img_size: 32, patch_size: 8, depth: 2}"]}[backbone]
+    options = {"lora": "{rank: 2}", "sparse": "{fraction: 0.05}", "adapter": "{bottleneck: 4}",
+               "vpt": "{length: 3}"}[strategy]
+    main(["fit", *TINY, "--trainer.limit_train_batches=1", "--trainer.limit_val_batches=1", *model_args,
+          f"--model.strategy={strategy}", f"--model.strategy_args={options}", f"--data.train={data}",
+          f"--data.val={data}", "--save_delta.enabled=false"])
+    ckpt = _run_dir(capsys.readouterr().out) / "checkpoints" / "last.ckpt"
+    out_csv = tmp_path / "predictions.csv"
+    main(["predict", f"--ckpt_path={ckpt}", f"--data.predict={data}", "--trainer.accelerator=cpu",
+          "--trainer.enable_progress_bar=false", "--trainer.logger=false", "--data.num_workers=0",
+          f"--predictions.output={out_csv}"])
+    rows = list(csv.DictReader(out_csv.open()))
+    assert len(rows) == 6
+
+    model = TransferClassifier.load(str(ckpt))
+    assert model.hparams.strategy == strategy and model.hparams.backbone in model_args[0]
+    dm = ImageDataModule(predict=str(data), num_workers=0)
+    batches = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False).predict(model, dm)
+    samples = dm.predict_set.samples
+    want = sorted((samples.describe(i), model.class_names[lab], score) for b in batches
+                  for i, lab, score in zip(b["index"].tolist(), b["label"].tolist(), b["score"].tolist()))
+    assert [(r["path"], r["label"]) for r in rows] == [(p, lab) for p, lab, _ in want]
+    assert torch.allclose(torch.tensor([float(r["score"]) for r in rows]), torch.tensor([s for *_, s in want]),
+                          rtol=0, atol=2e-6)

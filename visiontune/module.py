@@ -200,10 +200,15 @@ class TransferClassifier(L.LightningModule):
     @property
     def data_config(self) -> dict[str, Any]:
         """The backbone's mean, std, input size and interpolation (used by the datamodule)."""
-        if self.net is not None:
-            return data_config(self.net)
         kwargs = dict(self.hparams.backbone_args or {})
-        return data_config(timm.create_model(self.hparams.backbone, pretrained=False, num_classes=0, **kwargs))
+        net = self.net if self.net is not None else timm.create_model(self.hparams.backbone, pretrained=False,
+                                                                      num_classes=0, **kwargs)
+        cfg = data_config(net)
+        size = kwargs.get("img_size")
+        if size is not None:  # timm's config keeps the pretrained input size of a model built for another one
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            cfg["input_size"] = (cfg["input_size"][0], int(h), int(w))
+        return cfg
 
     def label_order(self, data_class_names: list[str]) -> list[str]:
         """Class order the data's labels must index (asked by the datamodule at its setup): the data's own,
