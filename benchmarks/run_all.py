@@ -37,7 +37,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ORDER = ("overhead", "peft", "schedule", "fixmatch", "cache", "cpu_opts")
+NOT_BENCHMARKS = ("run_all", "photosets")  # photosets.py builds data, it measures nothing
+ORDER = ("accuracy", "overhead", "peft", "schedule", "fixmatch", "cache", "cpu_opts")
 RESULT_RE = re.compile(r"^RESULT\s+([A-Za-z0-9_.\-]+)\s+(\S+)\s+(\S+)(?:\s+(.*))?$")
 TARGET_RE = re.compile(r"^(<=|>=|<|>)(-?[0-9.]+(?:e-?[0-9]+)?)$")
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"
@@ -47,7 +48,7 @@ DEFAULT_NOTES = "Hand-written notes (kept by run_all.py)."
 
 def discover(only: list[str] | None = None) -> list[Path]:
     """Benchmark scripts in run order: the known ones first, then the rest alphabetically."""
-    scripts = {p.stem: p for p in HERE.glob("*.py") if p.stem != "run_all" and not p.stem.startswith("_")}
+    scripts = {p.stem: p for p in HERE.glob("*.py") if p.stem not in NOT_BENCHMARKS and not p.stem.startswith("_")}
     if only:
         missing = sorted(set(only) - set(scripts))
         if missing:
