@@ -21,6 +21,24 @@ def test_folder_source_classes_and_hidden_dirs(image_folder):
     assert len(s) == 18 and np.bincount(s.labels).tolist() == [6, 6, 6]
 
 
+def test_underscore_folders_are_classes_only_dot_names_hidden(tmp_path):
+    """Issue #11, 5: `_background/` is a class like any other; `.hidden/` (and `__MACOSX/`) are not."""
+    from visiontune.checks import _folder_fallback
+    from visiontune.data.datamodule import _folder_classes
+
+    root = make_folder(tmp_path / "d", per_class=2, classes={"_background": (0, 0, 0), "bird": (200, 0, 0),
+                                                            ".hidden": (0, 200, 0), "__MACOSX": (0, 0, 200)})
+    make_folder(root / "bird", per_class=1, classes={"_crops": (9, 9, 9)})  # a nested _folder: images too
+    s = read_source(root)
+    assert s.class_names == ["_background", "bird"]
+    assert np.bincount(s.labels).tolist() == [2, 3] and any("_crops" in str(p) for p in s.items)
+    assert _folder_classes(root) == ["_background", "bird"] and _folder_fallback(root).class_names == s.class_names
+    assert len(read_source(root, labeled=False)) == 5
+    (root / "_empty").mkdir()
+    with pytest.raises(DataError, match="class folder .*_empty has no images"):
+        read_source(root)
+
+
 def test_csv_source_paths_relative_to_csv(image_csv):
     s = read_source(image_csv)
     assert s.class_names == ["blue", "green", "red"]

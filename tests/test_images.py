@@ -315,9 +315,11 @@ def test_image_extensions_case_insensitive():
 def test_find_images(tmp_path):
     (tmp_path / "b").mkdir()
     (tmp_path / ".hidden").mkdir()
-    for rel in ["a.PNG", "b/c.jpeg", "b/readme.txt", ".hidden/d.jpg"]:
+    (tmp_path / "_background").mkdir()
+    for rel in ["a.PNG", "b/c.jpeg", "b/readme.txt", ".hidden/d.jpg", "b/._c.jpeg", "_background/e.png", "_f.jpg"]:
         (tmp_path / rel).write_bytes(b"x")
-    assert find_images(tmp_path) == [tmp_path / "a.PNG", tmp_path / "b" / "c.jpeg"]
+    assert find_images(tmp_path) == [tmp_path / "_background" / "e.png", tmp_path / "_f.jpg", tmp_path / "a.PNG",
+                                     tmp_path / "b" / "c.jpeg"]
     with pytest.raises(NotADirectoryError):
         find_images(tmp_path / "a.PNG")
 
@@ -375,3 +377,9 @@ def test_check_images_max_pixels_and_validation(tmp_path):
 
 def test_truncation_guard_is_balanced():
     assert images_mod._guard_depth == 0
+
+
+def test_is_hidden_only_dot_names_and_macosx():
+    assert images_mod.is_hidden(".git") and images_mod.is_hidden("._photo.jpg") and images_mod.is_hidden("__MACOSX")
+    assert not images_mod.is_hidden("_background") and not images_mod.is_hidden("__init__")
+    assert not images_mod.is_hidden("bird")

@@ -79,6 +79,7 @@ def check_data(workers: int | None = None, **data: Any) -> dict[str, Any]:
     import numpy as np
 
     from .data import DataError, ImageDataModule
+    from .data.images import DEFAULT_MAX_PIXELS
     from .data.sources import read_source
     from .data.validate import find_bad_images
 
@@ -111,7 +112,7 @@ def check_data(workers: int | None = None, **data: Any) -> dict[str, Any]:
             samples = _folder_fallback(src)
             if samples is None:
                 continue
-        idx, records, n = find_bad_images(samples, role, max_pixels=kwargs.get("max_pixels", 89_478_485),
+        idx, records, n = find_bad_images(samples, role, max_pixels=kwargs.get("max_pixels", DEFAULT_MAX_PIXELS),
                                           workers=workers)
         bad += records
         checked += n
@@ -139,13 +140,14 @@ def _folder_fallback(src: Any):
     """The images of a ``root/<class>/`` tree that failed a structure check (e.g. one empty class folder)."""
     import numpy as np
 
-    from .data.sources import Samples, _image_files, _is_hidden
+    from .data.images import find_images
+    from .data.sources import Samples, class_folders
 
     root = Path(str(src))
     if not root.is_dir():
         return None
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
-    files = [f for f in _image_files(root) if len(f.relative_to(root).parts) > 1]
+    names = class_folders(root)
+    files = [f for f in find_images(root) if len(f.relative_to(root).parts) > 1]
     labels = np.asarray([names.index(f.relative_to(root).parts[0]) for f in files], dtype=np.int64)
     return Samples(files, labels, names, str(root))
 

@@ -13,10 +13,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .images import DEFAULT_MAX_PIXELS
 from .sources import (
     DataError,
     Samples,
     align_classes,
+    class_folders,
     read_source,
     stratified_split,
     take_per_class,
@@ -27,7 +29,6 @@ from .validate import class_list_problems, drop_bad_images, unseen_class_problem
 __all__ = ["ImageDataModule", "ImageDataset"]
 
 SourceArg = Optional[Union[str, Path, Any]]
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default decompression-bomb limit
 
 
 class ImageDataset(Dataset):
@@ -104,10 +105,8 @@ class ImageDataset(Dataset):
 
 def _folder_classes(source: Any) -> list[str] | None:
     """Class folder names of a folder source that failed to read (to still check val/test against them)."""
-    from .sources import _is_hidden
-
     if isinstance(source, (str, Path)) and Path(source).is_dir():
-        return sorted(p.name for p in Path(source).iterdir() if p.is_dir() and not _is_hidden(p)) or None
+        return class_folders(Path(source)) or None
     return None
 
 

@@ -36,7 +36,7 @@ animated GIF / WebP, multi-page TIFF        first frame
 Only the formats a training set plausibly holds are decoded (JPEG incl. MPO, PNG, BMP, GIF, WebP,
 TIFF), whatever the file's extension says: a PNG named ``.jpg`` loads, a PSD or EPS named ``.jpg``
 (EPS would run Ghostscript) is "not an image". :data:`IMAGE_EXTENSIONS` only decides which files a
-folder scan picks up.
+folder scan picks up, :func:`is_hidden` which names it skips.
 
 Why the truncation guard: ``Image.open`` reads only the header, so a cut file looks fine until its pixels
 are decoded. :func:`load_image` therefore calls ``img.load()`` inside its ``try``. PIL then raises on
@@ -69,6 +69,7 @@ __all__ = [
     "ImageReport",
     "check_images",
     "find_images",
+    "is_hidden",
     "is_image_file",
     "load_image",
 ]
@@ -323,8 +324,23 @@ def is_image_file(path: str | os.PathLike[str]) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_hidden(name: str) -> bool:
+    """Whether folder scans skip a file or folder of this name (the one rule for every scan in visiontune).
+
+    Hidden: dot-names (``.git``, ``.ipynb_checkpoints``, ``.DS_Store``, macOS ``._photo.jpg`` resource forks)
+    and ``__MACOSX``, the metadata folder of zips made on macOS (it holds only such ``._*`` copies).
+    Any other name is data: ``_background/`` or ``__init__/`` are ordinary class folders.
+
+    Example:
+        >>> is_hidden(".git"), is_hidden("__MACOSX"), is_hidden("_background"), is_hidden("bird")
+        (True, True, False, False)
+    """
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def find_images(root: str | os.PathLike[str]) -> list[Path]:
-    """All files under ``root`` (recursively) with an image extension, sorted; hidden entries skipped.
+    """All files under ``root`` (recursively) with an image extension, sorted; hidden entries
+    (:func:`is_hidden`, also inside hidden folders) skipped.
 
     Args:
         root: a folder.
@@ -339,7 +355,7 @@ def find_images(root: str | os.PathLike[str]) -> list[Path]:
         p
         for p in base.rglob("*")
         if is_image_file(p)
-        and not any(part.startswith(".") for part in p.relative_to(base).parts)
+        and not any(is_hidden(part) for part in p.relative_to(base).parts)
         and p.is_file()
     ]
     return sorted(found)

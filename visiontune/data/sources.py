@@ -15,6 +15,8 @@ from typing import Any, Union
 
 import numpy as np
 
+from .images import IMAGE_EXTENSIONS, find_images, is_hidden
+
 __all__ = [
     "BUILTIN_DATASETS",
     "DataError",
@@ -25,8 +27,6 @@ __all__ = [
     "stratified_split",
     "take_per_class",
 ]
-
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 
 Source = Union[str, Path, tuple, "Samples", None]
 
@@ -105,19 +105,9 @@ def digits() -> Samples:
 
 
 # ---------------------------------------------------------------------------------------------
-def _is_hidden(p: Path) -> bool:
-    return p.name.startswith((".", "_")) and p.name not in (".", "..")
-
-
-def _image_files(root: Path) -> list[Path]:
-    files = []
-    for p in sorted(root.rglob("*")):
-        rel = p.relative_to(root)
-        if any(_is_hidden(Path(part)) for part in rel.parts):
-            continue
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-            files.append(p)
-    return files
+def class_folders(root: Path) -> list[str]:
+    """The class folder names of ``root/<class>/``, sorted; hidden ones (:func:`~.images.is_hidden`) skipped."""
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not is_hidden(p.name))
 
 
 def read_folder(root: Path, *, labeled: bool = True) -> Samples:
@@ -125,18 +115,18 @@ def read_folder(root: Path, *, labeled: bool = True) -> Samples:
     if not root.is_dir():
         raise DataError(f"folder not found: {root}")
     if not labeled:
-        files = _image_files(root)
+        files = find_images(root)
         if not files:
             raise DataError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) found under {root}")
         return Samples(list(files), np.full(len(files), -1, dtype=np.int64), [], str(root))
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not _is_hidden(p))
+    classes = class_folders(root)
     if not classes:
         raise DataError(f"{root} has no class folders: expected {root}/<class>/<images>")
     items: list[Path] = []
     labels: list[int] = []
     problems = []
     for ci, name in enumerate(classes):
-        files = _image_files(root / name)
+        files = find_images(root / name)
         if not files:
             problems.append(f"class folder {root / name} has no images")
         items += files
