@@ -69,6 +69,93 @@ def test_bad_option_names_the_option(tmp_path, capsys, monkeypatch):
     assert "lorra" in text and "Available strategies" in text
 
 
+def _user_error(tmp_path, capsys, argv) -> str:
+    """Run ``main(argv)``: a user error is exit code 2 with one message on stderr, no traceback, nothing trained."""
+    import logging
+
+    # Lightning's log handler may hold the stderr of an earlier test: its "--- Logging error ---" traceback is
+    # about pytest's capturing, not about the command
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(SystemExit) as exit_:
+        mp.setattr(logging, "raiseExceptions", False)
+        main(argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2, err[-2000:]
+    assert "Traceback" not in err
+    assert not [p for p in tmp_path.rglob("*.ckpt") if p.parent.name == "checkpoints"]  # nothing trained
+    return err
+
+
+def _cut_checkpoint(tmp_path: Path) -> Path:
+    import torch
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "hyper_parameters": {"backbone": "resnet18"}}, good)
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(good.read_bytes()[:500])
+    return cut
+
+
+def test_user_errors_one_line_exit_2_no_traceback(tmp_path, capsys, monkeypatch):
+    """Issue #11, 7: a missing folder, an empty class folder, a truncated or missing --ckpt_path."""
+    monkeypatch.chdir(tmp_path)
+    base = ["fit", *TINY, "--trainer.logger=false"]
+    err = _user_error(tmp_path, capsys, [*base, "--data.train=/no/such/dir"])
+    assert err.splitlines()[-1] == ("visiontune fit: error: train: '/no/such/dir' is not a folder, a .csv file, "
+                                    "or a built-in dataset (digits)")
+    one = make_folder(tmp_path / "one", per_class=2, classes={"red": (200, 0, 0)})
+    (one / "empty").mkdir()
+    err = _user_error(tmp_path, capsys, [*base, f"--data.train={one}"])
+    assert err.splitlines()[-1] == f"visiontune fit: error: train: class folder {one / 'empty'} has no images"
+    data = make_folder(tmp_path / "data", per_class=2)
+    cut = _cut_checkpoint(tmp_path)
+    err = _user_error(tmp_path, capsys, [*base, f"--data.train={data}", f"--ckpt_path={cut}"])
+    assert err.splitlines()[-1].startswith(f"visiontune fit: error: '{cut}': not a loadable torch checkpoint (")
+    err = _user_error(tmp_path, capsys, ["predict", *TINY, f"--data.predict={data}", f"--ckpt_path={cut}"])
+    assert err.splitlines()[-1].startswith(f"visiontune predict: error: '{cut}': not a loadable torch checkpoint")
+    missing = tmp_path / "gone.ckpt"
+    err = _user_error(tmp_path, capsys, [*base, f"--data.train={data}", f"--ckpt_path={missing}"])
+    assert err.splitlines()[-1] == f"visiontune fit: error: Checkpoint file not found: {missing}"
+
+
+def test_bad_config_values_are_config_errors_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    err = _user_error(tmp_path, capsys, ["fit", *TINY, "--data.train=digits", "--model.lr=0"])
+    last = err.splitlines()[-1]
+    assert last.startswith("visiontune fit: error: invalid configuration: model.lr must be ") and "got 0.0" in last
+    err = _user_error(tmp_path, capsys, ["fit", *TINY, "--data.train=digits", "--data.val_split=1.5"])
+    assert err.splitlines()[-1] == ("visiontune fit: error: invalid configuration: ImageDataModule: val_split must "
+                                    "be in [0, 1), got 1.5")
+
+
+@pytest.mark.parametrize("where", ["instantiation", "setup"])
+def test_a_bug_is_not_reported_as_a_user_error(tmp_path, capsys, monkeypatch, where):
+    """Only the UserError family becomes exit 2: a plain ValueError/TypeError from a bug keeps its traceback."""
+    import visiontune.module
+    from visiontune.data import ImageDataModule
+
+    def bug(*args, **kwargs):
+        raise (ValueError if where == "instantiation" else TypeError)(f"a bug in {where}")
+
+    if where == "instantiation":
+        monkeypatch.setattr(visiontune.module, "make_strategy_config", bug)
+    else:
+        monkeypatch.setattr(ImageDataModule, "setup", bug)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError if where == "instantiation" else TypeError, match=f"^a bug in {where}$"):
+        main(["fit", *TINY, "--trainer.logger=false", "--data.train=digits"])
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_user_error_in_a_real_process_exit_2_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "visiontune.cli", "fit", *TINY, "--trainer.logger=false",
+                           f"--data.train={tmp_path / 'nowhere'}"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (f"visiontune fit: error: train: '{tmp_path / 'nowhere'}' is not a "
+                                            "folder, a .csv file, or a built-in dataset (digits)")
+    assert "Traceback" not in proc.stderr
+
+
 def test_strategies_tool_and_fast_help():
     out = subprocess.run([sys.executable, "-m", "visiontune.cli", "strategies"], capture_output=True, text=True,
                          check=True).stdout

@@ -349,9 +349,17 @@ def test_planted_pickle_is_refused_and_never_runs(trained, tmp_path, how):
     marker = tmp_path / "pwned"
     evil = _evil_copy(ckpt, tmp_path, marker)
     evil.with_suffix(".pth").write_bytes(evil.read_bytes())
-    with pytest.raises(Exception) as err:
+    from visiontune.backbones import BackboneError
+    from visiontune.errors import CheckpointError
+
+    kind = BackboneError if how.startswith(("backbones.", "create_backbone")) else CheckpointError
+    with pytest.raises(kind) as err:
         _loaders(evil)[how]()
-    assert re.search(r"weights.only|refus|unpickl", str(err.value), re.I), str(err.value)[:500]
+    text = str(err.value)
+    assert str(evil.with_suffix(".pth") if how.startswith("create_backbone") else evil) in text, text[:500]
+    pattern = r"Refusing to load .*: it is not a plain tensor file \(UnpicklingError" if kind is BackboneError else \
+        r"refusing to unpickle arbitrary objects \(torch.load with weights_only=True rejected it"
+    assert re.search(pattern, text), text[:500]
     assert not marker.exists()
 
 
@@ -359,7 +367,9 @@ def test_resume_from_planted_checkpoint_is_refused(trained, tmp_path):
     data, ckpt, _ = trained
     marker = tmp_path / "pwned"
     evil = _evil_copy(ckpt, tmp_path, marker)
-    with pytest.raises(Exception, match="refusing to unpickle"):
+    from visiontune.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=re.escape(f"'{evil}': refusing to unpickle arbitrary objects")):
         h.fit(data, tmp_path / "run", "full", epochs=2, ckpt_path=str(evil))
     assert not marker.exists()
 
@@ -371,9 +381,13 @@ def test_cli_resume_from_planted_checkpoint_is_refused(trained, tmp_path, monkey
     marker = tmp_path / "pwned"
     evil = _evil_copy(ckpt, tmp_path, marker)
     monkeypatch.chdir(tmp_path)
-    with redirect_stdout(io.StringIO()), redirect_stderr(io.StringIO()), pytest.raises((Exception, SystemExit)):
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
         main(["fit", "--model.backbone", "resnet18", "--data.train", str(data), "--data.image_size", "32",
               "--trainer.max_epochs", "2", "--ckpt_path", str(evil)])
+    assert exit_info.value.code == 2
+    assert f"visiontune fit: error: '{evil}': refusing to unpickle arbitrary objects" in err.getvalue()
+    assert "Traceback" not in err.getvalue()
     assert not marker.exists()
 
 

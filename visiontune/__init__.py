@@ -55,6 +55,8 @@ _EXPORTS: dict[str, str] = {
     "FeatureCache": "cache",
     "AtomicCheckpointIO": "checkpoint", "LatestCheckpoint": "checkpoint",
     "CheckpointMismatchError": "checkpoint", "check_data": "checks",
+    # errors: the user-error family the command reports as one line, exit code 2
+    "UserError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
     "apply_bn_policy": "bn", "frozen_feature_baseline": "baseline", "BaselineResult": "baseline",
 }
 

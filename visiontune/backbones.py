@@ -20,6 +20,8 @@ import timm
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = [
     "BackboneError",
     "WEIGHT_PACKAGES",
@@ -31,7 +33,7 @@ __all__ = [
 ]
 
 
-class BackboneError(ValueError):
+class BackboneError(ConfigError):
     """A backbone could not be created or its weights do not fit it."""
 
 

@@ -23,13 +23,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from .io import atomic_open, safe_torch_load
+from .errors import CheckpointNotFoundError, UserError
+from .io import atomic_open, checkpoint_load_error, safe_torch_load
 
 __all__ = ["AtomicCheckpointIO", "CheckpointMismatchError", "LatestCheckpoint", "collect_rng_state",
            "restore_rng_state", "state_dict_mismatch"]
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint's tensors do not fit the model it is loaded into (names the keys and shapes)."""
 
 
@@ -57,10 +58,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         weights_only: Optional[bool] = None,
     ) -> dict[str, Any]:
         if weights_only is False:  # an explicit opt-out for a trusted file
-            return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+            try:
+                return super().load_checkpoint(path, map_location=map_location, weights_only=False)
+            except Exception as exc:  # a truncated / corrupt file: say which one
+                err = checkpoint_load_error(path, exc, from_torch_load=False)
+                if err is None:
+                    raise
+                raise err from None
         if not Path(path).is_file():
-            raise FileNotFoundError(f"Checkpoint file not found: {path}")
-        return safe_torch_load(path, map_location=map_location)
+            raise CheckpointNotFoundError(f"Checkpoint file not found: {path}")
+        return safe_torch_load(path, map_location=map_location)  # errors name the file
 
 
 def state_dict_mismatch(model_state: Mapping[str, torch.Tensor], loaded: Mapping[str, Any]) -> list[str]:

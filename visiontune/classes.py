@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .errors import ConfigError
+
 __all__ = [
     "ClassExpansionConfig",
     "distillation_loss",
@@ -66,7 +68,7 @@ class ClassExpansionConfig:
         >>> ClassExpansionConfig(temperature=0)
         Traceback (most recent call last):
         ...
-        ValueError: ClassExpansionConfig.temperature must be a float > 0; got 0
+        visiontune.errors.ConfigError: ClassExpansionConfig.temperature must be a float > 0; got 0
     """
 
     distill: float = 1.0
@@ -79,13 +81,13 @@ class ClassExpansionConfig:
             return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
         if not real(self.distill) or self.distill < 0:
-            raise ValueError(f"ClassExpansionConfig.distill must be a float >= 0; got {self.distill!r}")
+            raise ConfigError(f"ClassExpansionConfig.distill must be a float >= 0; got {self.distill!r}")
         if not real(self.temperature) or not self.temperature > 0:
-            raise ValueError(f"ClassExpansionConfig.temperature must be a float > 0; got {self.temperature!r}")
+            raise ConfigError(f"ClassExpansionConfig.temperature must be a float > 0; got {self.temperature!r}")
         if not isinstance(self.freeze_old_rows, bool):
-            raise ValueError(f"ClassExpansionConfig.freeze_old_rows must be a bool; got {self.freeze_old_rows!r}")
+            raise ConfigError(f"ClassExpansionConfig.freeze_old_rows must be a bool; got {self.freeze_old_rows!r}")
         if not isinstance(self.replay, bool):
-            raise ValueError(f"ClassExpansionConfig.replay must be a bool; got {self.replay!r}")
+            raise ConfigError(f"ClassExpansionConfig.replay must be a bool; got {self.replay!r}")
 
 
 def expand_head(

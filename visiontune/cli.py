@@ -54,6 +54,7 @@ def _cli_class():
 
     from .data import ImageDataModule
     from .delta import DeltaWriter, apply_delta_to_module, module_arguments_from_delta
+    from .errors import ConfigError
     from .module import TransferClassifier, weights_from_checkpoint
     from .report import PredictionCSVWriter, RunReport
 
@@ -104,14 +105,23 @@ def _cli_class():
                 callbacks = [*callbacks, RichProgressBar()]
             return super()._instantiate_trainer(config, callbacks)
 
-        def instantiate_classes(self) -> None:
-            # bad option values (unknown strategy, rank <= 0, image_size 0, ...) are config errors: say which
-            # and stop with exit code 2, like a type error caught by the parser, before any training
+        # bad option values (unknown strategy, rank <= 0, image_size 0, ...) raise ConfigError while the classes
+        # are instantiated: main() reports them (exit 2, no traceback); any other exception is a bug
+
+        def _parse_ckpt_path(self) -> None:  # type: ignore[override]
+            # Lightning reads --ckpt_path's hyperparameters here with torch.load: a truncated or foreign file
+            # is a CheckpointError naming it, not a traceback from inside torch
             try:
-                super().instantiate_classes()
-            except (ValueError, TypeError) as exc:
-                print(f"visiontune {self.subcommand}: error: invalid configuration: {exc}", file=sys.stderr)
-                raise SystemExit(2) from None
+                super()._parse_ckpt_path()
+            except Exception as exc:
+                from .io import checkpoint_load_error
+
+                sub = self.config.get("subcommand")
+                path = self.config[sub].get("ckpt_path") if sub else None
+                err = checkpoint_load_error(path, exc, from_torch_load=False) if path else None
+                if err is None:
+                    raise
+                raise err from None
 
         def instantiate_trainer(self, **kwargs):  # type: ignore[override]
             from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -136,7 +146,7 @@ def _cli_class():
 
         def _model_from_delta(self, cfg) -> None:
             if cfg.get("ckpt_path"):
-                raise ValueError("--delta and --ckpt_path exclude each other: a checkpoint already holds the task")
+                raise ConfigError("--delta and --ckpt_path exclude each other: a checkpoint already holds the task")
             args = module_arguments_from_delta(cfg.delta)
             model = cfg.model
             backbone_args = dict(args["backbone_args"])
@@ -168,15 +178,41 @@ def main(argv: Sequence[str] | None = None) -> int:
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     _load_tools()
-    if argv and argv[0] in TOOLS:
-        return TOOLS[argv[0]](argv[1:]) or 0
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("visiontune tools: " + ", ".join(sorted(TOOLS)))
         print("LightningCLI sub-commands: fit, validate, test, predict (visiontune fit --help)")
         return 0
-    _cli_class()(args=None if from_sys else argv)
+    from .errors import ConfigError
+
+    try:
+        if argv[0] in TOOLS:
+            return TOOLS[argv[0]](argv[1:]) or 0
+        _cli_class()(args=None if from_sys else argv)
+    except Exception as exc:
+        # the user's mistake (data, option, file), found before training: one message, exit 2, no traceback.
+        # Anything else is a bug and keeps its traceback.
+        user = _user_error(exc)
+        if user is None:
+            raise
+        prog = "visiontune" + (f" {argv[0]}" if not argv[0].startswith("-") else "")
+        what = "invalid configuration: " if isinstance(user, ConfigError) else ""
+        print(f"{prog}: error: {what}{user}", file=sys.stderr)
+        raise SystemExit(2) from None
     return 0
+
+
+def _user_error(exc: BaseException):
+    """``exc`` if it is a :class:`~visiontune.errors.UserError`, or the one it was raised ``from`` (jsonargparse
+    wraps a config dataclass's error in its own ``ValueError``); ``None`` for anything else."""
+    from .errors import UserError
+
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, UserError):
+            return exc
+        exc, seen = exc.__cause__, seen + 1
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from . import __version__
+from .errors import UserError
 from .io import atomic_save_safetensors
 from .strategies.base import delta_parameter_names, head_parameter_names, strategy_name
 
@@ -74,7 +75,7 @@ _NOT_BASE_SUFFIXES = ("_sparse_mask", "visiontune_sparse_calibrated")
 _JSON_FIELDS = ("strategy_config", "class_names", "backbone_args", "head", "base_hashes")
 
 
-class DeltaError(ValueError):
+class DeltaError(UserError, ValueError):
     """A delta file is unreadable, or does not fit the model (backbone, strategy, classes, keys, shapes)."""
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 
 from .classes import ClassExpansionConfig, distillation_loss, expand_classes, freeze_rows
+from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .module import TransferClassifier
@@ -119,14 +120,15 @@ class ClassExpansion:
 
             path = Path(self.init_from).expanduser()
             if not path.is_file():
-                raise FileNotFoundError(f"model.init_from: checkpoint not found: {path}")
+                raise CheckpointError(f"model.init_from: checkpoint not found: {path}")
             ckpt = safe_torch_load(path)
             if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict):
-                raise ValueError(f"model.init_from: {path} is not a visiontune/Lightning checkpoint (no state_dict)")
+                raise CheckpointError(f"model.init_from: {path} is not a visiontune/Lightning checkpoint "
+                                      "(no state_dict)")
             meta = ckpt.get("visiontune") or {}
             names = meta.get("class_names") or (ckpt.get("hyper_parameters") or {}).get("class_names")
             if not names:
-                raise ValueError(f"model.init_from: {path} records no class names")
+                raise CheckpointError(f"model.init_from: {path} records no class names")
             self._checkpoint = ckpt
         return self._checkpoint
 
@@ -167,7 +169,7 @@ class ClassExpansion:
         meta = ckpt.get("visiontune") or {}
         theirs = meta.get("backbone") or (ckpt.get("hyper_parameters") or {}).get("backbone")
         if theirs and theirs != module.hparams.backbone:
-            raise ValueError(f"model.init_from was trained with backbone {theirs!r} but model.backbone is "
+            raise ConfigError(f"model.init_from was trained with backbone {theirs!r} but model.backbone is "
                              f"{module.hparams.backbone!r}")
         state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         return self.old_class_names, state

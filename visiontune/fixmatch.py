@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .errors import ConfigError
 from .semisup import FixMatchConfig, fixmatch_loss, forward_train, predict_weak
 from .semisup_state import DistributionAlignment, EMATeacher, FlexMatchThresholds
 
@@ -67,7 +68,7 @@ def as_fixmatch_config(value: Union[FixMatchConfig, Mapping[str, Any], None]) ->
         >>> as_fixmatch_config({"treshold": 0.9})
         Traceback (most recent call last):
         ...
-        ValueError: model.semi_supervised: unknown option(s) ['treshold']; known: threshold, mu, lambda_u, temperature, hard_labels, warmup_steps, ema, distribution_alignment, class_thresholds, bn
+        visiontune.errors.ConfigError: model.semi_supervised: unknown option(s) ['treshold']; known: threshold, mu, lambda_u, temperature, hard_labels, warmup_steps, ema, distribution_alignment, class_thresholds, bn
     """
     from .options import coerce_config
 
@@ -168,7 +169,7 @@ class FixMatchState:
             pending = self._pending.pop("flex", None)
             size = self.pool_size or (len(pending["selected"]) if pending else None)
             if size is None:
-                raise ValueError("class_thresholds='flexmatch' needs the size of the unlabeled pool "
+                raise ConfigError("class_thresholds='flexmatch' needs the size of the unlabeled pool "
                                  "(train with an ImageDataModule)")
             self.flex = FlexMatchThresholds.from_config(cfg, size, n)
             if pending is not None:
@@ -343,7 +344,7 @@ def training_step(module: "TransferClassifier", batch: Any) -> Tensor:
     teacher_logits = None
     if fm is not None:
         if unlabeled is None:
-            raise ValueError("model.semi_supervised is set but the batch has no 'unlabeled' part: use an "
+            raise ConfigError("model.semi_supervised is set but the batch has no 'unlabeled' part: use an "
                              "ImageDataModule with data.unlabeled (or 'rest' with labels_per_class)")
         x_w, x_s, true = unlabeled[0], unlabeled[1], unlabeled[2] if len(unlabeled) > 2 else None
         index = unlabeled[3] if len(unlabeled) > 3 else None

@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from timm.models import group_parameters
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = ["GroupError", "depth_groups"]
 
 
-class GroupError(ValueError):
+class GroupError(ConfigError):
     """A group override matches nothing or the model exposes no group_matcher."""
 
 

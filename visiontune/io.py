@@ -34,6 +34,7 @@ __all__ = [
     "atomic_save_torch",
     "atomic_write",
     "atomic_write_json",
+    "checkpoint_load_error",
     "safe_torch_load",
 ]
 
@@ -252,37 +253,69 @@ def safe_torch_load(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
         map_location: as in ``torch.load`` (default ``"cpu"``).
 
     Raises:
-        ValueError: naming the file, when it is not a loadable checkpoint or would require unpickling
-            arbitrary objects.
-        FileNotFoundError: the file does not exist.
+        visiontune.errors.CheckpointError: (a ``ValueError``) naming the file, when it is not a loadable
+            checkpoint (empty, truncated, not a torch file) or would require unpickling arbitrary objects.
+        visiontune.errors.CheckpointNotFoundError: (a ``CheckpointError`` and a ``FileNotFoundError``) the
+            file does not exist.
 
     Example:
         >>> state = safe_torch_load("run/last.pt")  # doctest: +SKIP
     """
-    import pickle
-
     import torch
 
+    from .errors import CheckpointNotFoundError
+
+    if isinstance(path, (str, os.PathLike)) and not Path(path).is_file():
+        raise CheckpointNotFoundError(f"{str(path)!r}: checkpoint file not found")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
-        text = str(exc)
-        if "weights only" in text.lower() or "weights_only" in text:
-            # torch's message goes on to suggest weights_only=False; keep only what it rejected.
-            detail = next(
-                (ln.strip() for ln in text.splitlines() if "Unsupported" in ln or "WeightsUnpickler" in ln),
-                text.splitlines()[0] if text else "",
-            )
-            raise ValueError(
-                f"{str(path)!r}: refusing to unpickle arbitrary objects (torch.load with weights_only=True "
-                f"rejected it; unpickling can run code). Save plain tensors/containers or safetensors instead. "
-                f"Rejected: {detail}"
-            ) from None
-        raise ValueError(f"{str(path)!r}: not a loadable torch checkpoint (UnpicklingError: {exc})") from None
-    except (EOFError, KeyError) as exc:  # empty / non-pickle bytes
-        reason = f"{type(exc).__name__}: {exc}"
-        raise ValueError(f"{str(path)!r}: not a loadable torch checkpoint ({reason})") from None
-    except RuntimeError as exc:
-        if "zip" in str(exc).lower() or "archive" in str(exc).lower():  # truncated/corrupt zip checkpoint
-            raise ValueError(f"{str(path)!r}: not a loadable torch checkpoint (RuntimeError: {exc})") from None
-        raise
+    except Exception as exc:
+        err = checkpoint_load_error(path, exc)
+        if err is None:
+            raise
+        raise err from None
+
+
+def checkpoint_load_error(path: str | os.PathLike[str], exc: BaseException, *, from_torch_load: bool = True):
+    """The :class:`~visiontune.errors.CheckpointError` naming ``path`` that an exception of ``torch.load`` on it
+    stands for, or ``None`` when ``exc`` is not about the file (then it should propagate as it is).
+
+    ``from_torch_load=False``: ``exc`` came from code that calls ``torch.load`` somewhere inside (Lightning's
+    checkpoint loading); it is only taken for a file problem when it was raised inside ``torch.load``.
+
+    Example:
+        >>> print(checkpoint_load_error("cut.ckpt", EOFError("Ran out of input")))
+        'cut.ckpt': not a loadable torch checkpoint (EOFError: Ran out of input)
+    """
+    import pickle
+
+    from .errors import CheckpointError
+
+    if isinstance(exc, CheckpointError):
+        return exc
+    if not from_torch_load:
+        import traceback
+
+        frames = traceback.extract_tb(exc.__traceback__)
+        if not any(Path(f.filename).as_posix().endswith("torch/serialization.py") for f in frames):
+            return None
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) and ("weights only" in text.lower() or "weights_only" in text):
+        # torch's message goes on to suggest weights_only=False; keep only what it rejected.
+        detail = next(
+            (ln.strip() for ln in text.splitlines() if "Unsupported" in ln or "WeightsUnpickler" in ln),
+            text.splitlines()[0] if text else "",
+        )
+        return CheckpointError(
+            f"{str(path)!r}: refusing to unpickle arbitrary objects (torch.load with weights_only=True "
+            f"rejected it; unpickling can run code). Save plain tensors/containers or safetensors instead. "
+            f"Rejected: {detail}"
+        )
+    corrupt = isinstance(exc, (pickle.UnpicklingError, EOFError, KeyError)) or (  # empty / non-pickle bytes
+        isinstance(exc, RuntimeError) and ("zip" in text.lower() or "archive" in text.lower()))  # truncated zip
+    if not corrupt:
+        return None
+    first = text.splitlines()[0] if text else ""
+    if len(first) > 120 and ". " in first:  # torch's zip message runs on with advice
+        first = first[: first.index(". ") + 1]
+    return CheckpointError(f"{str(path)!r}: not a loadable torch checkpoint ({type(exc).__name__}: {first})")

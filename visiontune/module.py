@@ -22,6 +22,7 @@ from . import __version__
 from .backbones import BackboneError, create_backbone, data_config
 from .checkpoint import CheckpointMismatchError, collect_rng_state, restore_rng_state, state_dict_mismatch
 from .classes import ClassExpansionConfig
+from .errors import ConfigError
 from .expansion import ClassExpansion, as_expansion_config
 from .fixmatch import FixMatchState, as_fixmatch_config
 from .fixmatch import training_step as fixmatch_training_step
@@ -226,7 +227,7 @@ class TransferClassifier(L.LightningModule):
         names = getattr(dm, "class_names", None) if self._expansion is None else None  # data: new classes only
         if self.net is None:
             if names is None:
-                raise ValueError(
+                raise ConfigError(
                     "model.num_classes / model.class_names are not set and the data gives no class names: "
                     "set data.train or model.class_names"
                 )
@@ -234,12 +235,12 @@ class TransferClassifier(L.LightningModule):
             self._build(len(names), self.hparams.weights)
         elif names is not None and list(names) != list(self.class_names):
             if len(names) != self.num_classes:
-                raise ValueError(
+                raise ConfigError(
                     f"the model has {self.num_classes} classes {self.class_names} but the data has "
                     f"{len(names)}: {list(names)}"
                 )
             if self.class_names != [str(i) for i in range(self.num_classes)]:
-                raise ValueError(f"model classes {self.class_names} differ from the data's classes {list(names)}")
+                raise ConfigError(f"model classes {self.class_names} differ from the data's classes {list(names)}")
             self.class_names = list(names)
             self.hparams["class_names"] = list(names)
         if self._fixmatch is not None and stage == "fit":  # weak/strong views, mu, pool indices
@@ -432,7 +433,7 @@ class TransferClassifier(L.LightningModule):
         if isinstance(loader, dict):
             loader = loader["labeled"]
         if loader is None:
-            raise ValueError("sparse with score='gradient' needs training data to choose its masks")
+            raise ConfigError("sparse with score='gradient' needs training data to choose its masks")
         n = self.strategy_config.warmup_batches
         batches = ((x.to(self.device), y.to(self.device)) for (x, y, *_), _ in zip(loader, range(n)))
         calibrate_sparse(self.net, batches, self.loss, num_batches=n)
@@ -514,9 +515,17 @@ class TransferClassifier(L.LightningModule):
         Example:
             >>> model = TransferClassifier.load("runs/quickstart/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
         """
-        # weights_only: a checkpoint is data, never code (a planted pickle is refused before it runs)
-        with weights_from_checkpoint():
-            return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+        from .io import checkpoint_load_error
+
+        try:
+            # weights_only: a checkpoint is data, never code (a planted pickle is refused before it runs)
+            with weights_from_checkpoint():
+                return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+        except Exception as exc:  # a truncated / corrupt / unsafe file: an error naming it
+            err = checkpoint_load_error(path, exc, from_torch_load=False)
+            if err is None:
+                raise
+            raise err from None
 
 
 def _is_number(x: Any) -> bool:
@@ -541,4 +550,4 @@ def _make_metrics(num_classes: int) -> nn.ModuleDict:
 
 def _check(ok: bool, option: str, message: str) -> None:
     if not ok:
-        raise ValueError(f"{option} {message}")
+        raise ConfigError(f"{option} {message}")

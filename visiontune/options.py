@@ -6,6 +6,8 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Optional, TypeVar
 
+from .errors import ConfigError
+
 __all__ = ["coerce_config"]
 
 C = TypeVar("C")
@@ -24,9 +26,9 @@ def coerce_config(value: Any, cls: type[C], option: str) -> Optional[C]:
     if value is None or isinstance(value, cls):
         return value
     if not isinstance(value, Mapping):
-        raise ValueError(f"{option} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
+        raise ConfigError(f"{option} must be a {cls.__name__} or a mapping, got {type(value).__name__}")
     known = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(value) - set(known))
     if unknown:
-        raise ValueError(f"{option}: unknown option(s) {unknown}; known: {', '.join(known)}")
+        raise ConfigError(f"{option}: unknown option(s) {unknown}; known: {', '.join(known)}")
     return cls(**dict(value))

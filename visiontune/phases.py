@@ -12,6 +12,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
@@ -22,7 +24,7 @@ GroupRef = Union[int, str]
 _KEYS = ("at_epoch", "at_step", "groups", "regex", "lr")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(ConfigError):
     """A bad schedule; the message names the phase (``"phase 2: ..."``)."""
 
 

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:  # pragma: no cover
     from .semisup_state import DistributionAlignment, FlexMatchThresholds
 
@@ -89,7 +91,7 @@ class FixMatchConfig:
         >>> FixMatchConfig(threshold=1.0)
         Traceback (most recent call last):
         ...
-        ValueError: FixMatchConfig.threshold must be in (0, 1) (exclusive); got 1.0
+        visiontune.errors.ConfigError: FixMatchConfig.threshold must be in (0, 1) (exclusive); got 1.0
     """
 
     threshold: float = 0.95
@@ -104,8 +106,8 @@ class FixMatchConfig:
     bn: str = "concat"
 
     def __post_init__(self) -> None:
-        def bad(name: str, allowed: str) -> ValueError:
-            return ValueError(f"FixMatchConfig.{name} must be {allowed}; got {getattr(self, name)!r}")
+        def bad(name: str, allowed: str) -> ConfigError:
+            return ConfigError(f"FixMatchConfig.{name} must be {allowed}; got {getattr(self, name)!r}")
 
         if not _is_real(self.threshold) or not 0.0 < self.threshold < 1.0:
             raise bad("threshold", "in (0, 1) (exclusive)")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from .images import DEFAULT_MAX_PIXELS
 from .sources import (
     DataError,
+    DataOptionError,
     Samples,
     align_classes,
     class_folders,
@@ -263,7 +264,7 @@ class ImageDataModule(L.LightningDataModule):
         if classes is not None and (isinstance(classes, str) or len(set(map(str, classes))) != len(classes)):
             problems.append(f"classes must be a list of distinct class names, got {classes!r}")
         if problems:
-            raise DataError(problems, "ImageDataModule")
+            raise DataOptionError(problems, "ImageDataModule")
         self.train, self.val, self.test, self.unlabeled, self.predict = train, val, test, unlabeled, predict
         self.image_size = image_size
         self.batch_size = batch_size

@@ -62,6 +62,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ..errors import UserError
+
 __all__ = [
     "BadImageError",
     "DEFAULT_MAX_PIXELS",
@@ -92,7 +94,7 @@ _ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 _WHITE = 255
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError, ValueError):
     """An image file that cannot be turned into an RGB array.
 
     Attributes:

@@ -15,11 +15,13 @@ from typing import Any, Union
 
 import numpy as np
 
+from ..errors import ConfigError, UserError
 from .images import IMAGE_EXTENSIONS, find_images, is_hidden
 
 __all__ = [
     "BUILTIN_DATASETS",
     "DataError",
+    "DataOptionError",
     "Samples",
     "Source",
     "read_source",
@@ -31,7 +33,7 @@ __all__ = [
 Source = Union[str, Path, tuple, "Samples", None]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A dataset problem found before training. Lists every problem at once."""
 
     def __init__(self, problems: Sequence[str] | str, where: str = "") -> None:
@@ -43,6 +45,11 @@ class DataError(ValueError):
             lines = "\n".join(f"  - {p}" for p in self.problems[:50])
             more = f"\n  ... and {len(self.problems) - 50} more" if len(self.problems) > 50 else ""
             super().__init__(f"{head}{len(self.problems)} problems:\n{lines}{more}")
+
+
+class DataOptionError(DataError, ConfigError):
+    """Bad :class:`~visiontune.ImageDataModule` options (``image_size=0``, ...): a ``DataError`` listing them all,
+    and a ``ConfigError`` (the ``visiontune`` command reports an invalid configuration)."""
 
 
 @dataclass

@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
+from ..errors import ConfigError
+
 __all__ = [
     "Strategy",
     "StrategyConfig",
@@ -42,7 +44,7 @@ __all__ = [
 ]
 
 
-class StrategyError(ValueError):
+class StrategyError(ConfigError):
     """Unknown strategy, bad option, or a strategy that does not fit the backbone."""
 
 
