@@ -117,6 +117,32 @@ def test_user_errors_one_line_exit_2_no_traceback(tmp_path, capsys, monkeypatch)
     assert err.splitlines()[-1] == f"visiontune fit: error: Checkpoint file not found: {missing}"
 
 
+def test_every_bad_image_listed_before_training_exit_2(tmp_path, capsys, monkeypatch):
+    """Issue #11, 6: under on_bad_image=error (the default) all bad files are named at setup, none trained."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    data = make_folder(tmp_path / "data", per_class=3, ext=".jpg")
+    good = (data / "red" / "0.jpg").read_bytes()
+    (data / "red" / "cut.jpg").write_bytes(good[: len(good) // 2])
+    (data / "red" / "zero.jpg").write_bytes(b"")
+    (data / "green" / "notes.jpg").write_text("not an image")
+    Image.new("1", (9500, 9500)).save(data / "blue" / "bomb.png")
+    err = _user_error(tmp_path, capsys, ["fit", *TINY, "--trainer.logger=false", f"--data.train={data}"])
+    lines = err.splitlines()
+    start = lines.index("visiontune fit: error: 4 problems:")
+    cut = lines[start + 3]
+    assert lines[start + 1:] == [
+        f"  - train: unreadable image {data / 'blue' / 'bomb.png'}: image is 9500x9500 = 90250000 pixels, "
+        "exceeds max_pixels=89478485",
+        f"  - train: unreadable image {data / 'green' / 'notes.jpg'}: not an image (unrecognised or unsupported "
+        "format)",
+        cut,
+        f"  - train: unreadable image {data / 'red' / 'zero.jpg'}: empty file",
+    ]
+    assert cut.startswith(f"  - train: unreadable image {data / 'red' / 'cut.jpg'}: truncated image data ("), cut
+
+
 def test_bad_config_values_are_config_errors_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     err = _user_error(tmp_path, capsys, ["fit", *TINY, "--data.train=digits", "--model.lr=0"])

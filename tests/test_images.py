@@ -379,6 +379,76 @@ def test_truncation_guard_is_balanced():
     assert images_mod._guard_depth == 0
 
 
+# --- the cheap scan (on_bad_image="error" at setup) ----------------------------------------------------
+
+
+def _scan_reason(path: Path, **kwargs) -> str:
+    with pytest.raises(BadImageError) as info:
+        images_mod.scan_image(path, **kwargs)
+    assert info.value.path == str(path)
+    return info.value.reason
+
+
+def _no_decoding(monkeypatch) -> None:
+    def refuse(self):
+        raise AssertionError(f"decoded {self.filename}")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", refuse)
+
+
+@pytest.mark.parametrize("fmt,name", [("JPEG", "cut.jpg"), ("PNG", "cut.png"), ("GIF", "cut.gif"),
+                                      ("BMP", "cut.bmp"), ("TIFF", "cut.tif"), ("WEBP", "cut.webp")])
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_scan_refuses_truncated_files_with_load_images_reason(tmp_path, fmt, name, keep):
+    full = tmp_path / f"full_{name}"
+    Image.fromarray(_noise()).save(full, fmt)
+    data = full.read_bytes()
+    cut = tmp_path / name
+    cut.write_bytes(data[: int(len(data) * keep)])
+    assert _scan_reason(cut) == _reason(cut)
+
+
+def test_scan_refuses_what_the_header_shows_like_load_image(tmp_path):
+    _, empty, _, _, text, missing, _ = _dataset(tmp_path)
+    big = tmp_path / "big.png"
+    Image.new("L", (200, 100)).save(big)
+    assert _scan_reason(empty) == "empty file" and _scan_reason(missing) == "file not found"
+    assert _scan_reason(text).startswith("not an image") and _scan_reason(tmp_path) == "not a regular file"
+    assert _scan_reason(big, max_pixels=19_999) == _reason(big, max_pixels=19_999) == \
+        "image is 200x100 = 20000 pixels, exceeds max_pixels=19999"
+
+
+def test_scan_passes_good_files_without_decoding_them(tmp_path, monkeypatch):
+    paths = []
+    for fmt, name in [("JPEG", "a.jpg"), ("PNG", "b.png"), ("GIF", "c.gif"), ("BMP", "d.bmp"), ("TIFF", "e.tif"),
+                      ("WEBP", "f.webp")]:
+        Image.fromarray(_noise()).save(tmp_path / name, fmt)
+        paths.append(tmp_path / name)
+    padded = tmp_path / "padded.jpg"  # zeros after the end marker (some writers pad): still complete
+    padded.write_bytes((tmp_path / "a.jpg").read_bytes() + b"\x00" * 100)
+    Image.fromarray(_noise()).convert("L").save(tmp_path / "gray.png")
+    _no_decoding(monkeypatch)
+    for p in [*paths, padded, tmp_path / "gray.png"]:
+        images_mod.scan_image(p)
+
+
+def test_scan_decodes_a_suspect_file_to_confirm_it(tmp_path):
+    trailer = tmp_path / "trailer.jpg"  # bytes after the end marker: suspect, but it decodes, so it is fine
+    Image.fromarray(_noise()).save(trailer, "JPEG")
+    trailer.write_bytes(trailer.read_bytes() + b"camera maker notes")
+    images_mod.scan_image(trailer)
+    assert load_image(trailer).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("workers", [0, 3])
+def test_check_images_scan_mode_same_report_as_decoding(tmp_path, workers):
+    paths = _dataset(tmp_path) * 3
+    scanned = check_images(paths, workers=workers, decode=False)
+    assert scanned == check_images(paths, workers=workers)
+    assert scanned.ok == 9 and [Path(p).name for p, _ in scanned.bad[:4]] == ["empty.jpg", "cut.jpg", "text.jpg",
+                                                                            "missing.png"]
+
+
 def test_is_hidden_only_dot_names_and_macosx():
     assert images_mod.is_hidden(".git") and images_mod.is_hidden("._photo.jpg") and images_mod.is_hidden("__MACOSX")
     assert not images_mod.is_hidden("_background") and not images_mod.is_hidden("__init__")

@@ -195,17 +195,60 @@ def test_skip_unlabeled_and_predict_pools(tmp_path):
     assert sorted(b["split"] for b in dm.bad_image_report["bad"]) == ["predict", "unlabeled"]
 
 
+def _truncated_jpeg(path: Path) -> Path:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(buf, "JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    return path
+
+
+def _plant_strict_mode_failures(root: Path) -> dict[str, str]:
+    """Issue #11, 6: a truncated JPEG, a zero-byte file, a text file named .jpg and a decompression bomb."""
+    _truncated_jpeg(root / "red" / "cut.jpg")
+    (root / "red" / "zero.jpg").write_bytes(b"")
+    (root / "green" / "notes.jpg").write_text("not an image at all")
+    Image.new("1", (9500, 9500)).save(root / "blue" / "bomb.png")  # 11 KB, 90 MP > max_pixels (89.5 MP)
+    return {"red/cut.jpg": "truncated image data", "red/zero.jpg": "empty file",
+            "green/notes.jpg": "not an image (unrecognised or unsupported format)",
+            "blue/bomb.png": "image is 9500x9500 = 90250000 pixels, exceeds max_pixels=89478485"}
+
+
+def test_error_policy_lists_every_bad_file_of_every_split_at_setup(tmp_path):
+    root = make_folder(tmp_path / "train", per_class=3, ext=".jpg")
+    expected = _plant_strict_mode_failures(root)
+    val = make_folder(tmp_path / "val", per_class=1)
+    (val / "red" / "v.png").write_bytes(b"\x89PNG garbage")
+    pool = make_folder(tmp_path / "pool", per_class=1)
+    _truncated_png(pool / "green" / "p.png")
+    dm = ImageDataModule(train=str(root), val=str(val), unlabeled=str(pool), image_size=16, num_workers=0)
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert str(err.value).startswith("6 problems:\n"), str(err.value)
+    found = {}  # "<split>: unreadable image <path>: <reason>"
+    for line in err.value.problems:
+        split, rest = line.split(": unreadable image ", 1)
+        path, reason = rest.split(": ", 1)
+        found[Path(path).name] = (split, path, reason)
+    assert sorted(found) == sorted([*(Path(rel).name for rel in expected), "v.png", "p.png"])
+    for rel, reason in expected.items():
+        split, path, why = found[Path(rel).name]
+        assert (split, path) == ("train", str(root / rel)) and why.startswith(reason), found[Path(rel).name]
+    assert found["v.png"] == ("val", str(val / "red" / "v.png"), "not an image (unrecognised or unsupported format)")
+    assert found["p.png"][:2] == ("unlabeled", str(pool / "green" / "p.png")) and "truncated" in found["p.png"][2]
+    assert dm.train_set is None  # nothing to train on
+
+
 @pytest.mark.parametrize("num_workers", [0, 2])
-def test_error_policy_names_the_bad_file_when_loading(tmp_path, num_workers):
+def test_error_policy_names_a_file_broken_after_setup_when_loading(tmp_path, num_workers):
     root = make_folder(tmp_path / "train", per_class=2)
-    (root / "red" / "broken.png").write_bytes(b"")
     dm = ImageDataModule(train=str(root), image_size=16, batch_size=8, val_split=0, num_workers=num_workers)
-    dm.setup("fit")  # error policy: nothing is decoded up front (check-data does that)
-    assert len(dm.train_set) == 7
+    dm.setup("fit")  # the setup scan passes; full decoding happens on demand
+    assert len(dm.train_set) == 6
+    (root / "red" / "0.png").write_bytes(b"")  # damaged after the scan: still named when it is read
     with pytest.raises((BadImageError, RuntimeError)) as err:  # from a worker: re-raised with its message
         for _ in dm.train_dataloader():
             pass
-    assert "broken.png" in str(err.value) and "empty file" in str(err.value)
+    assert f"bad image '{root / 'red' / '0.png'}': empty file" in str(err.value)
 
 
 def test_on_bad_image_value_is_checked():

@@ -91,6 +91,7 @@ def check_data(workers: int | None = None, **data: Any) -> dict[str, Any]:
     dm = None
     try:
         dm = ImageDataModule(**kwargs, num_workers=0, on_bad_image="error")
+        dm._scan_files = False  # every image is decoded below: no setup scan listing them a second time
         dm.setup("fit" if kwargs.get("train") is not None else "validate")
     except DataError as err:
         problems += err.problems

@@ -25,7 +25,7 @@ from .sources import (
     take_per_class,
 )
 from .transforms import eval_transform, seed_transform, train_transform
-from .validate import class_list_problems, drop_bad_images, unseen_class_problems
+from .validate import class_list_problems, drop_bad_images, find_bad_images, unseen_class_problems
 
 __all__ = ["ImageDataModule", "ImageDataset"]
 
@@ -207,10 +207,13 @@ class ImageDataModule(L.LightningDataModule):
         mean, std: normalisation; ``None`` = the backbone's (from the model, at setup).
         unlabeled_ratio: unlabeled batch = ratio × batch_size (FixMatch μ); ``None`` = the model's μ, or 7.
         max_pixels: images larger than this many pixels are refused (decompression bombs).
-        on_bad_image: ``"error"``: an unreadable image stops the run with a ``BadImageError`` naming the
-            file (run ``visiontune check-data`` to list them all up front); ``"skip"``: every file of every
-            split is decoded once at setup, unreadable ones are dropped and listed (file, reason) in
-            :attr:`bad_image_report` and in ``bad_images.json`` in the run directory.
+        on_bad_image: ``"error"``: at setup, before any training, every file of every split gets the cheap
+            scan (header, pixel count, truncation: :func:`~visiontune.data.images.scan_image`) and one
+            ``DataError`` lists every bad file with its reason; a file whose damage only decoding shows stops
+            the run with a ``BadImageError`` naming it when it is read (``visiontune check-data`` decodes
+            everything up front). ``"skip"``: every file of every split is decoded once at setup,
+            unreadable ones are dropped and listed (file, reason) in :attr:`bad_image_report` and in
+            ``bad_images.json`` in the run directory.
         classes: the class list, in label order; a training/val/test label outside it is an error naming
             the files. ``None`` = the labels found in the training data, sorted.
 
@@ -280,6 +283,7 @@ class ImageDataModule(L.LightningDataModule):
         self.on_bad_image = on_bad_image
         self.classes = [str(c) for c in classes] if classes is not None else None
         self._bad_images: dict[str, tuple[list[dict[str, Any]], int]] = {}  # role -> (records, files checked)
+        self._scan_files = True  # on_bad_image="error": scan every file at setup (check-data decodes them itself)
         self._train_samples: Samples | None = None
         self.train_set = self.val_set = self.test_set = self.unlabeled_set = self.predict_set = None
         self.split: dict[str, list[str]] = {}
@@ -307,8 +311,19 @@ class ImageDataModule(L.LightningDataModule):
         return self._train_samples
 
     def _checked(self, samples: Samples, role: str) -> Samples:
-        """Under ``on_bad_image="skip"``: decode every file now, drop and record the unreadable ones."""
+        """Under ``on_bad_image="skip"``: decode every file now, drop and record the unreadable ones.
+
+        Under ``"error"``: the cheap scan of every file (:func:`~visiontune.data.images.scan_image`: header, pixel
+        count, end-of-data marker; threads), a :class:`DataError` listing every bad file with its reason. Cost:
+        ~0.2 ms a file: 2,000 JPEGs 0.4-0.5 s, and 1.2-2 s more for ``setup("fit")`` on 10,000 (0.5 s without
+        the scan), measured on a shared 2-core machine.
+        """
         if self.on_bad_image != "skip":
+            if not self._scan_files:
+                return samples
+            _, records, _ = find_bad_images(samples, role, max_pixels=self.max_pixels, decode=False)
+            if records:
+                raise DataError([f"{role}: unreadable image {r['path']}: {r['reason']}" for r in records])
             return samples
         kept, records, checked = drop_bad_images(samples, role, max_pixels=self.max_pixels)
         self._bad_images[role] = (records, checked)
@@ -409,7 +424,11 @@ class ImageDataModule(L.LightningDataModule):
                 problems += found
                 return None
             s = align_classes(s, list(names), role)
-        return self._checked(s, role)
+        try:
+            return self._checked(s, role)
+        except DataError as err:  # unreadable images (on_bad_image="error")
+            problems += err.problems
+            return None
 
     def _model_label_order(self, names: list[str], problems: list[str]) -> list[str]:
         """The class order labels must index: the data's own, or the one the model asks for (a model that
@@ -435,6 +454,12 @@ class ImageDataModule(L.LightningDataModule):
         order = self._model_label_order(names, problems) if full is not None else names
         test = self._read_eval("test", order, problems)
         val = self._read_eval("val", order, problems)
+        external_pool = None  # a folder/CSV pool: its problems too are listed with the others
+        if self.unlabeled is not None and not (isinstance(self.unlabeled, str) and self.unlabeled == "rest"):
+            try:
+                external_pool = self._checked(read_source(self.unlabeled, labeled=False), "unlabeled")
+            except DataError as err:
+                problems += [p if p.startswith("unlabeled: ") else f"unlabeled: {p}" for p in err.problems]
         if full is None:
             raise DataError(problems)
         own_labels = full.labels  # splits per class of the data; labels then index the model's order
@@ -474,7 +499,7 @@ class ImageDataModule(L.LightningDataModule):
                 raise DataError("unlabeled='rest' needs labels_per_class (the rest of each class is the pool)")
             pool = full.subset(rest)  # true labels kept: pseudo-label accuracy can be measured
         elif self.unlabeled is not None:
-            pool = self._checked(read_source(self.unlabeled, labeled=False), "unlabeled")
+            pool = external_pool
         if pool is not None:
             self.split["unlabeled"] = [pool.describe(i) for i in range(len(pool))]
             views = self.unlabeled_transforms or [augment]

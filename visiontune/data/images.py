@@ -38,6 +38,9 @@ TIFF), whatever the file's extension says: a PNG named ``.jpg`` loads, a PSD or 
 (EPS would run Ghostscript) is "not an image". :data:`IMAGE_EXTENSIONS` only decides which files a
 folder scan picks up, :func:`is_hidden` which names it skips.
 
+:func:`scan_image` is the cheap version of these checks (no decoding: header, pixel count, end-of-data marker),
+what ``ImageDataModule(on_bad_image="error")`` runs on every file at setup.
+
 Why the truncation guard: ``Image.open`` reads only the header, so a cut file looks fine until its pixels
 are decoded. :func:`load_image` therefore calls ``img.load()`` inside its ``try``. PIL then raises on
 premature end of data *unless* ``ImageFile.LOAD_TRUNCATED_IMAGES`` is true — a flag some third-party code
@@ -74,6 +77,7 @@ __all__ = [
     "is_hidden",
     "is_image_file",
     "load_image",
+    "scan_image",
 ]
 
 #: Default decompression-bomb limit (pixels): PIL's default warning threshold (~89.5 MP, 1 GiB of RGBA / 4 /
@@ -236,32 +240,15 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
         return img
 
 
-# --- public API --------------------------------------------------------------------------------------------
+# --- header stage, shared by load_image and scan_image --------------------------------------------------
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Read an image file as an ``HxWx3`` uint8 RGB array, or raise :class:`BadImageError`.
-
-    See the module docstring for the full "input → outcome" table: EXIF orientation applied, transparency
-    composited on white, CMYK / 16-bit / palette / grayscale converted, truncated or non-image files and
-    decompression bombs refused with the reason.
-
-    Args:
-        path: the image file.
-        max_pixels: refuse images with ``width * height > max_pixels``, checked from the header before
-            decoding. ``None`` disables this limit (PIL's own hard limit, twice ``Image.MAX_IMAGE_PIXELS``,
-            still refuses).
+def _open_checked(path: str | os.PathLike[str], max_pixels: int | None) -> tuple[Image.Image, int]:
+    """Everything :func:`load_image` checks before decoding: the file (exists, regular, not empty), the header
+    (a supported image format, under PIL's hard bomb limit) and ``max_pixels``.
 
     Returns:
-        A C-contiguous, writable ``(height, width, 3)`` ``uint8`` array.
-
-    Raises:
-        BadImageError: the file is missing, empty, not an image, truncated, corrupt or too large.
-
-    Example:
-        >>> arr = load_image("birds/robin/001.jpg")  # doctest: +SKIP
-        >>> arr.shape, arr.dtype  # doctest: +SKIP
-        ((375, 500, 3), dtype('uint8'))
+        ``(img, size)``: the opened, not yet decoded image (the caller closes it) and the file's size in bytes.
     """
     p = Path(path)
     try:
@@ -290,12 +277,44 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     except Exception as exc:  # PIL raises OSError, SyntaxError, struct.error, ... on broken headers
         raise BadImageError(path, _decode_error_reason(exc)) from None
 
+    width, height = img.size
+    if max_pixels is not None and width * height > max_pixels:
+        img.close()
+        raise BadImageError(
+            path, f"image is {width}x{height} = {width * height} pixels, exceeds max_pixels={max_pixels}"
+        )
+    return img, st.st_size
+
+
+# --- public API --------------------------------------------------------------------------------------------
+
+
+def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Read an image file as an ``HxWx3`` uint8 RGB array, or raise :class:`BadImageError`.
+
+    See the module docstring for the full "input → outcome" table: EXIF orientation applied, transparency
+    composited on white, CMYK / 16-bit / palette / grayscale converted, truncated or non-image files and
+    decompression bombs refused with the reason.
+
+    Args:
+        path: the image file.
+        max_pixels: refuse images with ``width * height > max_pixels``, checked from the header before
+            decoding. ``None`` disables this limit (PIL's own hard limit, twice ``Image.MAX_IMAGE_PIXELS``,
+            still refuses).
+
+    Returns:
+        A C-contiguous, writable ``(height, width, 3)`` ``uint8`` array.
+
+    Raises:
+        BadImageError: the file is missing, empty, not an image, truncated, corrupt or too large.
+
+    Example:
+        >>> arr = load_image("birds/robin/001.jpg")  # doctest: +SKIP
+        >>> arr.shape, arr.dtype  # doctest: +SKIP
+        ((375, 500, 3), dtype('uint8'))
+    """
+    img = _open_checked(path, max_pixels)[0]
     with img:
-        width, height = img.size
-        if max_pixels is not None and width * height > max_pixels:
-            raise BadImageError(
-                path, f"image is {width}x{height} = {width * height} pixels, exceeds max_pixels={max_pixels}"
-            )
         try:
             with _refuse_truncated():
                 img.load()  # decode everything here, so truncation surfaces inside this try
@@ -311,6 +330,75 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
         except Exception as exc:
             reason = f"cannot convert mode {img.mode!r} to RGB ({type(exc).__name__}: {exc})"
             raise BadImageError(path, reason) from None
+
+
+def scan_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> None:
+    """The cheap check of an image file, without decoding its pixels; raises :class:`BadImageError` like
+    :func:`load_image` would.
+
+    Checks the file (missing, not a regular file, empty), the header (not an image or an unsupported format,
+    corrupt header, PIL's hard bomb limit), the pixel count against ``max_pixels`` (decompression bombs) and
+    whether the data is complete: a JPEG's end-of-image marker, a PNG's ``IEND`` chunk, a GIF's trailer, a
+    WebP's RIFF length, the strip/tile extents of a TIFF and the file size a BMP header declares. A file that
+    fails the completeness check is decoded with :func:`load_image` to confirm it (and to name the reason),
+    so a file this refuses is one training could not read. What it cannot see: damage in the middle of the
+    compressed data of a complete file (bit flips); :func:`load_image` still refuses those when they are read.
+
+    Cost: one ``stat``, the header parse and a read of the last KiB: about 0.2 ms a JPEG, whatever its size
+    (measured in :func:`check_images`).
+
+    Example:
+        >>> scan_image("birds/robin/001.jpg")  # doctest: +SKIP
+    """
+    img, size = _open_checked(path, max_pixels)
+    with img:
+        complete = _looks_complete(img, Path(path), size)
+    if not complete:
+        load_image(path, max_pixels=max_pixels)  # raises the precise reason; a file PIL can decode passes
+
+
+_TAIL = 1024  # bytes read from the end of a file to find its end marker
+
+
+def _looks_complete(img: Image.Image, path: Path, size: int) -> bool:
+    """Whether the file holds all the data its header announces (cheap: no decoding). ``False`` = suspect."""
+    fmt = img.format
+    try:
+        if fmt in ("JPEG", "MPO", "PNG", "GIF"):
+            with path.open("rb") as f:
+                f.seek(max(0, size - _TAIL))
+                tail = f.read().rstrip(b"\x00")  # some writers pad with zeros after the end marker
+            # the file must end with its end marker: one further inside (an EXIF thumbnail's) proves nothing;
+            # a complete file with bytes after its marker is merely decoded to make sure
+            if fmt == "PNG":
+                return tail[-8:-4] == b"IEND"  # the IEND chunk: length 0, type, CRC
+            if fmt == "GIF":
+                return tail.endswith(b";")  # the GIF trailer
+            return tail.endswith(b"\xff\xd9")  # JPEG end-of-image (MPO: that of the last picture)
+        if fmt == "WEBP":
+            with path.open("rb") as f:
+                head = f.read(8)
+            return len(head) == 8 and int.from_bytes(head[4:8], "little") + 8 <= size
+        if fmt == "TIFF":
+            tags = getattr(img, "tag_v2", {})
+            for offsets_tag, counts_tag in ((273, 279), (324, 325)):  # strips, tiles
+                offsets, counts = tags.get(offsets_tag), tags.get(counts_tag)
+                if offsets is not None and counts is not None:
+                    offsets = offsets if isinstance(offsets, tuple) else (offsets,)
+                    counts = counts if isinstance(counts, tuple) else (counts,)
+                    if max((o + c for o, c in zip(offsets, counts)), default=0) > size:
+                        return False
+            return True
+        if fmt in ("BMP", "DIB"):
+            with path.open("rb") as f:
+                head = f.read(6)
+            declared = int.from_bytes(head[2:6], "little") if head[:2] == b"BM" else 0
+            if declared > size:
+                return False
+        # any format: every tile of data PIL will read must start inside the file
+        return all(tile[2] < size for tile in (img.tile or []))
+    except (OSError, TypeError, ValueError, IndexError):  # odd headers: let the decoder decide
+        return False
 
 
 def is_image_file(path: str | os.PathLike[str]) -> bool:
@@ -412,9 +500,12 @@ class ImageReport:
         )
 
 
-def _check_one(path: Path, max_pixels: int | None) -> tuple[str, str] | None:
+def _check_one(path: Path, max_pixels: int | None, decode: bool = True) -> tuple[str, str] | None:
     try:
-        load_image(path, max_pixels=max_pixels)
+        if decode:
+            load_image(path, max_pixels=max_pixels)
+        else:
+            scan_image(path, max_pixels=max_pixels)
     except BadImageError as err:
         return (err.path, err.reason)
     return None
@@ -425,6 +516,7 @@ def check_images(
     *,
     max_pixels: int | None = DEFAULT_MAX_PIXELS,
     workers: int = 0,
+    decode: bool = True,
 ) -> ImageReport:
     """Try to load every image with :func:`load_image` and report which ones fail and why.
 
@@ -432,6 +524,11 @@ def check_images(
         paths: image files (e.g. from :func:`find_images`).
         max_pixels: as in :func:`load_image`.
         workers: ``0`` checks in this thread; ``n > 0`` uses ``n`` threads (PIL decodes without the GIL).
+        decode: ``True`` decodes every file (:func:`load_image`: finds everything training would fail on);
+            ``False`` runs the cheap :func:`scan_image` instead (header, pixel count, end-of-data marker; what
+            ``ImageDataModule(on_bad_image="error")`` runs at setup). Measured on a shared 2-core machine with
+            2 threads: 2,000 generated JPEGs (64x64 or 500x375) scan in 0.4-0.5 s, about 0.2 ms a file
+            (10,000: 1.6-2.5 s); decoding the 2,000 500x375 ones takes 2.3-4.5 s.
 
     Returns:
         An :class:`ImageReport`; ``bad`` keeps the input order.
@@ -447,9 +544,13 @@ def check_images(
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
     items = [Path(p) for p in paths]
     if workers == 0:
-        results = [_check_one(p, max_pixels) for p in items]
+        results = [_check_one(p, max_pixels, decode) for p in items]
     else:
+        # chunks of files, not one task per file: a task costs about as much as scanning a small file
+        size = max(1, min(64, len(items) // (workers * 4)))
+        chunks = [items[i:i + size] for i in range(0, len(items), size)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            results = list(pool.map(lambda p: _check_one(p, max_pixels), items))
+            parts = pool.map(lambda chunk: [_check_one(p, max_pixels, decode) for p in chunk], chunks)
+            results = [r for part in parts for r in part]
     bad = [r for r in results if r is not None]
     return ImageReport(ok=len(results) - len(bad), bad=bad)

@@ -23,9 +23,10 @@ def _default_workers() -> int:
 
 
 def find_bad_images(
-    samples: Samples, role: str, *, max_pixels: int | None, workers: int | None = None
+    samples: Samples, role: str, *, max_pixels: int | None, workers: int | None = None, decode: bool = True
 ) -> tuple[list[int], list[dict[str, Any]], int]:
-    """Decode every file item of ``samples`` (arrays are skipped: they are already pixels).
+    """Decode every file item of ``samples`` (arrays are skipped: they are already pixels); ``decode=False``:
+    only the cheap :func:`~visiontune.data.images.scan_image` (header, pixel count, end-of-data marker).
 
     Returns:
         ``(bad_indices, records, checked)``: item indices that failed, one ``{"split", "path", "reason"}``
@@ -37,7 +38,7 @@ def find_bad_images(
     if not files:
         return [], [], 0
     report = check_images([p for _, p in files], max_pixels=max_pixels,
-                          workers=_default_workers() if workers is None else workers)
+                          workers=_default_workers() if workers is None else workers, decode=decode)
     reasons = dict(report.bad)  # path string -> reason (paths are unique within a source)
     bad_idx, records = [], []
     for i, item in files:
