@@ -267,7 +267,7 @@ PY_CONFIG_CASES = [
     (lambda: TransferClassifier("resnet18", weights=None, num_classes=2, strategy="lora",
                                 strategy_args={"rank": "8"}), ["'rank'", "integer > 0", "got '8'"]),
     (lambda: TransferClassifier("resnet18", weights=None, num_classes=2, lr="fast"), ["model.lr must be a number"]),
-    (lambda: TransferClassifier("resnet18", weights=None, num_classes=2, lr=0), ["model.lr must be > 0"]),
+    (lambda: TransferClassifier("resnet18", weights=None, num_classes=2, lr=0), ["model.lr must be a number > 0 or null"]),
     (lambda: TransferClassifier("resnet18", weights=None, num_classes=2, bn="sometimes"),
      ["model.bn", "'frozen', 'eval' or 'train'"]),
     (lambda: TransferClassifier("resnet_nope", weights=None, num_classes=2), ["unknown timm model 'resnet_nope'"]),

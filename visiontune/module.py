@@ -20,8 +20,10 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from . import __version__
 from .backbones import BackboneError, create_backbone, data_config
+from .bn import apply_bn_policy
 from .checkpoint import CheckpointMismatchError, collect_rng_state, restore_rng_state, state_dict_mismatch
 from .classes import ClassExpansionConfig
+from .ema import WeightEMA
 from .errors import ConfigError
 from .expansion import ClassExpansion, as_expansion_config
 from .fixmatch import FixMatchState, as_fixmatch_config
@@ -58,9 +60,6 @@ def weights_from_checkpoint() -> Iterator[None]:
         _WEIGHTS_FROM_CHECKPOINT.reset(token)
 
 
-_BN = nn.modules.batchnorm._BatchNorm
-
-
 class TransferClassifier(L.LightningModule):
     """Adapt a pretrained timm backbone to a new classification task with one of many strategies.
 
@@ -73,7 +72,9 @@ class TransferClassifier(L.LightningModule):
         strategy: a registered strategy name (see :func:`visiontune.available_strategies`) or a config
             object such as ``LastKConfig(k=2)``.
         strategy_args: options of the strategy, e.g. ``{"k": 2}`` for ``last_k``.
-        lr: peak learning rate of the head (deeper layers get less with ``layer_decay``).
+        lr: AdamW peak learning rate of the head (deeper layers get less with ``layer_decay``); ``None`` =
+            the strategy's own default (``full`` 5e-4, ``lora`` 3e-3, ``linear`` 1e-2, ...:
+            ``StrategyConfig.default_lr``; :attr:`learning_rate` is the value in use).
         weight_decay: AdamW weight decay (never on biases, norms, embeddings, prompts).
         warmup_steps: linear warm-up steps; a float in (0, 1) is a fraction of all steps.
         scheduler: ``"cosine"`` (to 0 over the run) or ``"constant"``.
@@ -90,6 +91,10 @@ class TransferClassifier(L.LightningModule):
             ``True`` = in memory; a directory = also on disk, reused across runs.
         channels_last: keep the network's 4-D weights in channels-last (NHWC) memory format; convolutions
             then run NHWC (measured 1.5× faster CPU training steps on EfficientNet-Lite0, see BENCHMARKS.md).
+        ema: decay of an exponential moving average of the weights (e.g. ``0.999``, with a warm-up so short
+            runs are not dominated by the initial weights; :mod:`visiontune.ema`); the average evaluates
+            and is what deltas save (:meth:`evaluated_net`). ``None`` = off. With FixMatch use
+            ``semi_supervised.ema`` instead (its teacher also makes the pseudo-labels).
         semi_supervised: FixMatch options (:class:`visiontune.FixMatchConfig` or a dict, YAML
             ``{threshold: 0.95, mu: 7}``); trains on ``data.unlabeled`` too (:mod:`visiontune.fixmatch`).
         init_from: checkpoint of a model trained on old classes; the training data's classes it does not
@@ -112,7 +117,7 @@ class TransferClassifier(L.LightningModule):
         class_names: Optional[list[str]] = None,
         strategy: Union[str, StrategyConfig] = "linear",
         strategy_args: Optional[dict[str, Any]] = None,
-        lr: float = 1e-3,
+        lr: Optional[float] = None,
         weight_decay: float = 0.05,
         warmup_steps: float = 0,
         scheduler: Literal["cosine", "constant"] = "cosine",
@@ -123,6 +128,7 @@ class TransferClassifier(L.LightningModule):
         backbone_args: Optional[dict[str, Any]] = None,
         cache_features: Union[bool, str] = False,
         channels_last: bool = False,
+        ema: Optional[float] = None,
         semi_supervised: Optional[FixMatchConfig] = None,
         init_from: Optional[str] = None,
         class_expansion: Optional[ClassExpansionConfig] = None,
@@ -135,13 +141,13 @@ class TransferClassifier(L.LightningModule):
             strategy = strategy_name(strategy)
         self.strategy_config = make_strategy_config(strategy, strategy_args)  # validates early
         strategy_args = dict(strategy_args or {})
-        for option, value in (("lr", lr), ("weight_decay", weight_decay), ("label_smoothing", label_smoothing),
+        for option, value in (("weight_decay", weight_decay), ("label_smoothing", label_smoothing),
                               ("warmup_steps", warmup_steps), ("layer_decay", layer_decay)):
             _check(value is None and option == "layer_decay" or _is_number(value), f"model.{option}",
                    f"must be a number, got {value!r}")
         _check(num_classes is None or _is_int(num_classes), "model.num_classes",
                f"must be an integer, got {num_classes!r}")
-        _check(lr > 0, "model.lr", f"must be > 0, got {lr!r}")
+        _check(lr is None or (_is_number(lr) and lr > 0), "model.lr", f"must be a number > 0 or null, got {lr!r}")
         _check(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay!r}")
         _check(0 <= label_smoothing < 1, "model.label_smoothing", f"must be in [0, 1), got {label_smoothing!r}")
         _check(warmup_steps >= 0, "model.warmup_steps", f"must be >= 0, got {warmup_steps!r}")
@@ -162,12 +168,16 @@ class TransferClassifier(L.LightningModule):
         fixmatch_cfg, expansion_cfg = as_fixmatch_config(semi_supervised), as_expansion_config(class_expansion)
         _check(expansion_cfg is None or init_from is not None, "model.class_expansion",
                "needs model.init_from (the checkpoint of the model to add classes to)")
+        _check(ema is None or (_is_number(ema) and 0 < ema < 1), "model.ema", f"must be in (0, 1) or null, got {ema!r}")
+        _check(ema is None or fixmatch_cfg is None or fixmatch_cfg.ema is None, "model.ema",
+               "and model.semi_supervised.ema are both set: with FixMatch, set only semi_supervised.ema")
         semi_supervised = dataclasses.asdict(fixmatch_cfg) if fixmatch_cfg else None  # plain hparams
         class_expansion = dataclasses.asdict(expansion_cfg) if expansion_cfg else None
         self.save_hyperparameters()
         # the weights will come from a checkpoint (see weights_from_checkpoint): do not read hparams.weights
         self.weights_from_checkpoint: bool = _WEIGHTS_FROM_CHECKPOINT.get()
         self._fixmatch = FixMatchState(fixmatch_cfg) if fixmatch_cfg else None
+        self._ema = WeightEMA(ema) if ema is not None else None
         self._expansion = ClassExpansion(init_from, expansion_cfg or ClassExpansionConfig()) if init_from else None
         self.net: nn.Module | None = None
         self.class_names: list[str] | None = class_names
@@ -197,6 +207,12 @@ class TransferClassifier(L.LightningModule):
         self.hparams["class_names"] = list(self.class_names)
         self.hparams["num_classes"] = num_classes
         self.metrics = _make_metrics(num_classes)
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate in use: ``model.lr``, or the strategy's ``default_lr`` when it is ``None``."""
+        lr = self.hparams.get("lr")
+        return float(lr) if lr is not None else float(type(self.strategy_config).default_lr)
 
     @property
     def data_config(self) -> dict[str, Any]:
@@ -274,12 +290,18 @@ class TransferClassifier(L.LightningModule):
             (True, 'model')
         """
         ema = self._fixmatch.teacher_module(self) if self._fixmatch is not None else None
+        if self._ema is not None and self.net is not None:
+            ema = self._ema.ensure(self.net)
+            first = next(self.net.parameters(), None)
+            if first is not None and next(ema.parameters()).device != first.device:
+                ema.to(first.device)
         net = ema if ema is not None else self.net
         if checkpoint is None:
             return net
         state = None
         if ema is not None:  # a teacher not built yet at the checkpoint would have been the student
-            state = ((checkpoint.get("visiontune_fixmatch") or {}).get("teacher") or {}).get("module")
+            saved = checkpoint.get("visiontune_ema") or checkpoint.get("visiontune_fixmatch") or {}
+            state = (saved.get("teacher") or {}).get("module")
         if state is None:
             state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
         net = copy.deepcopy(net)
@@ -289,7 +311,8 @@ class TransferClassifier(L.LightningModule):
     @property
     def evaluated_weights_of(self) -> Literal["ema", "model"]:
         """Which weights :meth:`evaluated_net` holds: ``"ema"`` (an EMA of the trained weights) or ``"model"``."""
-        return "ema" if self._fixmatch is not None and self._fixmatch.cfg.ema is not None else "model"
+        fixmatch_ema = self._fixmatch is not None and self._fixmatch.cfg.ema is not None
+        return "ema" if fixmatch_ema or self._ema is not None else "model"
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
@@ -352,8 +375,8 @@ class TransferClassifier(L.LightningModule):
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
         h = self.hparams
-        groups = param_groups(self.net, h.lr, h.weight_decay, layer_decay=h.layer_decay)
-        optimizer = torch.optim.AdamW(groups, lr=h.lr)
+        groups = param_groups(self.net, self.learning_rate, h.weight_decay, layer_decay=h.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
         warm = int(h.warmup_steps * total) if 0 < h.warmup_steps < 1 else int(h.warmup_steps)
 
@@ -374,13 +397,8 @@ class TransferClassifier(L.LightningModule):
         Lightning restores per-module modes around validation, so the policy set here persists; it is
         re-applied at every training epoch start and on every ``train()`` call.
         """
-        policy = self.hparams.bn
-        if self.net is None or not self.training:
-            return
-        for m in self.net.modules():
-            if isinstance(m, _BN):
-                frozen = not any(p.requires_grad for p in m.parameters(recurse=False))
-                m.train(policy == "train" or (policy == "frozen" and not frozen))
+        if self.net is not None and self.training:
+            apply_bn_policy(self.net, self.hparams.bn)
 
     def train(self, mode: bool = True) -> "TransferClassifier":
         super().train(mode)
@@ -394,6 +412,8 @@ class TransferClassifier(L.LightningModule):
         for helper in (self._fixmatch, self._expansion):  # EMA teacher update, frozen old rows
             if helper is not None:
                 helper.after_step(self)
+        if self._ema is not None:
+            self._ema.update(self.net, int(self.trainer.global_step))
 
     # ------------------------------------------------------------------ reporting and checkpoints
     def parameter_summary(self) -> dict[str, Any]:
@@ -444,6 +464,8 @@ class TransferClassifier(L.LightningModule):
             checkpoint["visiontune_fixmatch"] = self._fixmatch.state_dict()
         if self._expansion is not None:
             checkpoint["visiontune_expansion"] = self._expansion.state_dict()
+        if self._ema is not None:
+            checkpoint["visiontune_ema"] = self._ema.state_dict()
         checkpoint["visiontune"] = {
             "version": __version__,
             "backbone": self.hparams.backbone,
@@ -457,6 +479,8 @@ class TransferClassifier(L.LightningModule):
             self._fixmatch.load_state_dict(checkpoint["visiontune_fixmatch"])
         if self._expansion is not None and checkpoint.get("visiontune_expansion"):
             self._expansion.load_state_dict(checkpoint["visiontune_expansion"])
+        if self._ema is not None and checkpoint.get("visiontune_ema"):
+            self._ema.load_state_dict(checkpoint["visiontune_ema"])
         names = (checkpoint.get("visiontune") or {}).get("class_names") or \
             checkpoint.get("hyper_parameters", {}).get("class_names")
         if names and self.net is None:

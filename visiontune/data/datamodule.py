@@ -24,7 +24,7 @@ from .sources import (
     stratified_split,
     take_per_class,
 )
-from .transforms import eval_transform, seed_transform, train_transform
+from .transforms import AUGMENTS, eval_transform, seed_transform, train_transform
 from .validate import class_list_problems, drop_bad_images, find_bad_images, unseen_class_problems
 
 __all__ = ["ImageDataModule", "ImageDataset"]
@@ -204,6 +204,9 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: loader workers; ``None`` = 0 on ≤ 2 cores, else min(8, cores // 2).
         crop_scale: min and max area of the random resized crop; ``[1, 1]`` = plain resize.
         hflip: random horizontal flips in training.
+        augment: ``"trivial"`` (default): one TrivialAugment op per training image (colour, contrast,
+            rotate, shear, ... at a random strength; what photos want); ``"none"``: crop and flip only
+            (digits, text, medical scans, where such ops change the meaning).
         mean, std: normalisation; ``None`` = the backbone's (from the model, at setup).
         unlabeled_ratio: unlabeled batch = ratio × batch_size (FixMatch μ); ``None`` = the model's μ, or 7.
         max_pixels: images larger than this many pixels are refused (decompression bombs).
@@ -240,6 +243,7 @@ class ImageDataModule(L.LightningDataModule):
         num_workers: Optional[int] = None,
         crop_scale: tuple[float, float] = (0.6, 1.0),
         hflip: bool = True,
+        augment: Literal["none", "trivial"] = "trivial",
         mean: Optional[tuple[float, float, float]] = None,
         std: Optional[tuple[float, float, float]] = None,
         unlabeled_ratio: Optional[int] = None,
@@ -262,6 +266,8 @@ class ImageDataModule(L.LightningDataModule):
             problems.append(f"crop_scale must satisfy 0 < min <= max <= 1, got {tuple(crop_scale)}")
         if unlabeled_ratio is not None and unlabeled_ratio < 1:
             problems.append(f"unlabeled_ratio (mu) must be >= 1, got {unlabeled_ratio!r}")
+        if augment not in AUGMENTS:
+            problems.append(f"augment must be one of {', '.join(map(repr, AUGMENTS))}, got {augment!r}")
         if on_bad_image not in ("error", "skip"):
             problems.append(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         if classes is not None and (isinstance(classes, str) or len(set(map(str, classes))) != len(classes)):
@@ -277,6 +283,7 @@ class ImageDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.crop_scale = tuple(crop_scale)
         self.hflip = hflip
+        self.augment = augment
         self.mean, self.std = mean, std
         self.unlabeled_ratio = unlabeled_ratio
         self.max_pixels = max_pixels
@@ -483,7 +490,8 @@ class ImageDataModule(L.LightningDataModule):
         if problems:
             raise DataError(problems)
         train = full.subset(idx)
-        augment = train_transform(size, mean, std, scale=self.crop_scale, hflip=self.hflip, interpolation=interp)
+        augment = train_transform(size, mean, std, scale=self.crop_scale, hflip=self.hflip, interpolation=interp,
+                                  augment=self.augment)
         self.train_set = ImageDataset(train, augment, max_pixels=self.max_pixels)
         self.train_set.reseed(self.seed)
         self.val_set = ImageDataset(val, evaluate, max_pixels=self.max_pixels) if val is not None else None

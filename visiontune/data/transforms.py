@@ -1,4 +1,4 @@
-"""Albumentations pipelines: eval (resize + normalise) and train (random resized crop, flip).
+"""Albumentations pipelines: eval (resize + normalise) and train (random resized crop, flip, TrivialAugment).
 
 Weak/strong pipelines for semi-supervised training live in :mod:`visiontune.data.strong`.
 """
@@ -15,7 +15,10 @@ import albumentations as A  # noqa: E402
 import cv2  # noqa: E402
 from albumentations.pytorch import ToTensorV2  # noqa: E402
 
-__all__ = ["eval_transform", "train_transform", "seed_transform"]
+__all__ = ["AUGMENTS", "eval_transform", "train_transform", "seed_transform"]
+
+AUGMENTS = ("none", "trivial")
+"""``augment`` choices of :func:`train_transform`: ``"trivial"`` adds one TrivialAugment op per image."""
 
 _INTERP = {"bilinear": cv2.INTER_LINEAR, "bicubic": cv2.INTER_CUBIC, "nearest": cv2.INTER_NEAREST,
            "area": cv2.INTER_AREA}
@@ -51,8 +54,9 @@ def train_transform(
     scale: tuple[float, float] = (0.6, 1.0),
     hflip: bool = True,
     interpolation: str = "bilinear",
+    augment: str = "none",
 ) -> A.Compose:
-    """Random resized crop (``scale`` of the area), optional horizontal flip, normalise.
+    """Random resized crop (``scale`` of the area), optional horizontal flip, optional TrivialAugment, normalise.
 
     Args:
         size: output side in pixels.
@@ -60,7 +64,19 @@ def train_transform(
         scale: crop area range; ``(1.0, 1.0)`` disables cropping (a plain resize).
         hflip: random horizontal flip (turn off for text, digits, ...).
         interpolation: resize filter.
+        augment: ``"trivial"``: TrivialAugment (Müller & Hutter 2021): one op per image, drawn uniformly
+            from the RandAugment list (:data:`visiontune.data.strong.STRONG_OPS`: colour, contrast,
+            posterize, rotate, shear, ...), at a magnitude drawn uniformly over its whole range;
+            ``"none"``: crop and flip only.
+
+    Example:
+        >>> import numpy as np
+        >>> t = train_transform(32, (0.5,) * 3, (0.5,) * 3, augment="trivial")
+        >>> t(image=np.zeros((40, 48, 3), np.uint8))["image"].shape
+        torch.Size([3, 32, 32])
     """
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r}")
     ops: list = []
     if tuple(scale) == (1.0, 1.0):
         ops.append(A.Resize(size, size, interpolation=_interp(interpolation)))
@@ -68,6 +84,10 @@ def train_transform(
         ops.append(A.RandomResizedCrop(size=(size, size), scale=tuple(scale), interpolation=_interp(interpolation)))
     if hflip:
         ops.append(A.HorizontalFlip(p=0.5))
+    if augment == "trivial":
+        from .strong import STRONG_OPS
+
+        ops.append(A.OneOf([make(None) for make in STRONG_OPS.values()], p=1.0))
     ops += [A.Normalize(mean=tuple(mean), std=tuple(std), max_pixel_value=255.0), ToTensorV2()]
     return A.Compose(ops)
 

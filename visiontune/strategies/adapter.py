@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -84,6 +84,8 @@ class AdapterConfig(StrategyConfig):
         >>> AdapterConfig(bottleneck=8, where="both").where
         'both'
     """
+
+    default_lr: ClassVar[float] = 3e-3  # AdamW peak LR when model.lr is None (see StrategyConfig)
 
     reduction: int | None = None
     bottleneck: int | None = None

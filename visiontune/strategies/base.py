@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 from torch import nn
 
@@ -50,7 +50,14 @@ class StrategyError(ConfigError):
 
 @dataclass
 class StrategyConfig:
-    """Base class of every strategy's options. Subclasses validate in ``__post_init__``."""
+    """Base class of every strategy's options. Subclasses validate in ``__post_init__``.
+
+    ``default_lr`` (a class attribute, not an option) is the AdamW peak learning rate the strategy trains
+    with when ``model.lr`` is ``None``: a linear probe or LoRA wants a far larger LR than full
+    fine-tuning, so each strategy declares its own next to its config (values in BENCHMARKS.md).
+    """
+
+    default_lr: ClassVar[float] = 1e-3
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
 from dataclasses import dataclass
 
 from torch import nn
@@ -24,6 +25,8 @@ def _norm_parameter_ids(model: nn.Module) -> set[int]:
 class FullConfig(StrategyConfig):
     """Train every parameter."""
 
+    default_lr: ClassVar[float] = 5e-4  # AdamW peak LR when model.lr is None (see StrategyConfig)
+
 
 @register_strategy("full", FullConfig)
 def apply_full(model: nn.Module, cfg: FullConfig) -> None:
@@ -35,6 +38,8 @@ def apply_full(model: nn.Module, cfg: FullConfig) -> None:
 @dataclass
 class LinearConfig(StrategyConfig):
     """Train the head only (linear probe)."""
+
+    default_lr: ClassVar[float] = 1e-2  # AdamW peak LR when model.lr is None (see StrategyConfig)
 
 
 @register_strategy("linear", LinearConfig)
@@ -50,6 +55,8 @@ class LastKConfig(StrategyConfig):
         k: number of depth groups before the head to train (≥ 1).
         coarse: count stages (timm coarse groups) instead of blocks.
     """
+
+    default_lr: ClassVar[float] = 1e-3  # AdamW peak LR when model.lr is None (see StrategyConfig)
 
     k: int = 1
     coarse: bool = False
@@ -81,6 +88,8 @@ class BitFitConfig(StrategyConfig):
         train_norm: also train normalisation weights (scales), not just their biases.
     """
 
+    default_lr: ClassVar[float] = 1e-2  # AdamW peak LR when model.lr is None (see StrategyConfig)
+
     train_norm: bool = False
 
 
@@ -96,6 +105,8 @@ def apply_bitfit(model: nn.Module, cfg: BitFitConfig) -> None:
 @dataclass
 class NormConfig(StrategyConfig):
     """Train only the affine parameters of normalisation layers (and the head)."""
+
+    default_lr: ClassVar[float] = 5e-3  # AdamW peak LR when model.lr is None (see StrategyConfig)
 
 
 @register_strategy("norm", NormConfig)

@@ -41,6 +41,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from typing import ClassVar
 from dataclasses import dataclass
 
 from torch import nn
@@ -113,6 +114,8 @@ class LoRAConfig(StrategyConfig):
         >>> LoRAConfig(rank=4, targets=[r"attn\\.qkv$"], qkv="qkv").scaling
         4.0
     """
+
+    default_lr: ClassVar[float] = 3e-3  # AdamW peak LR when model.lr is None (see StrategyConfig)
 
     rank: int = 8
     alpha: float = 16.0

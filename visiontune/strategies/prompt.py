@@ -21,6 +21,7 @@ last block) still hold the prompt tokens; deep prompts have no such issue.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +50,8 @@ class VPTConfig(StrategyConfig):
         >>> VPTConfig(length=5, deep=True).length
         5
     """
+
+    default_lr: ClassVar[float] = 1e-2  # AdamW peak LR when model.lr is None (see StrategyConfig)
 
     length: int = 10
     deep: bool = False

@@ -28,6 +28,7 @@ import math
 import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping
+from typing import ClassVar
 from dataclasses import dataclass
 from itertools import islice
 
@@ -71,6 +72,8 @@ class SparseConfig(StrategyConfig):
         >>> SparseConfig(fraction=0.05, targets=[r"blocks\\.\\d+\\.mlp"]).fraction
         0.05
     """
+
+    default_lr: ClassVar[float] = 1e-3  # AdamW peak LR when model.lr is None (see StrategyConfig)
 
     fraction: float = 0.01
     score: str = "magnitude"
