@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 import visiontune.compare as cmp
 from visiontune import TransferClassifier
@@ -153,11 +154,24 @@ def test_cli_compare(tmp_path, image_folder):
         f"output: {tmp_path / 'out'}\n"
         f"data: {{train: {image_folder}, image_size: 32, batch_size: 4, num_workers: 0}}\n"
         "trainer: {limit_train_batches: 1, limit_val_batches: 1, accelerator: cpu}\n"
-        "strategies: [linear]\n"
+        "model: {bn: eval}\n"
+        "strategies: [linear, {name: lora, args: {rank: 2}, model: {lr: 0.02}}]\n"
     )
     assert main(["compare", "--config", str(cfg)]) == 0
     rows = list(csv.DictReader(open(tmp_path / "out" / "leaderboard.csv", newline="")))
-    assert [r["strategy"] for r in rows] == ["linear"] and rows[0]["split"] == "val"
+    assert {r["strategy"] for r in rows} == {"linear", "lora(rank=2)"} and rows[0]["split"] == "val"
+    # winner.yaml is a fit config for the winner, with its options, that `visiontune fit` takes as is
+    winner = yaml.safe_load((tmp_path / "out" / "winner.yaml").read_text())
+    expected = {"linear": {"strategy": "linear"},
+                "lora(rank=2)": {"strategy": "lora", "strategy_args": {"rank": 2}, "lr": 0.02}}[rows[0]["strategy"]]
+    assert winner["model"] == {"backbone": "resnet18", "weights": None, "bn": "eval", **expected}
+    assert winner["trainer"] == {"max_epochs": 1} and winner["data"]["train"] == str(image_folder)
+    run = tmp_path / "fit"
+    assert main(["fit", "--config", str(tmp_path / "out" / "winner.yaml"), "--trainer.limit_train_batches", "1",
+                 "--trainer.limit_val_batches", "1", "--trainer.logger.init_args.save_dir", str(run),
+                 "--trainer.enable_progress_bar", "false"]) == 0
+    saved = yaml.safe_load(next(run.rglob("config.yaml")).read_text())
+    assert saved["model"]["strategy"] == expected["strategy"] and saved["model"]["bn"] == "eval"
 
 
 def test_vt_compare_is_callable_after_module_import():

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .cli import register_tool
-from .compare_report import CSV_COLUMNS, _csv, _markdown, _plot, _print_table, leaderboard
+from .compare_report import CSV_COLUMNS, _csv, _markdown, _plot, _print_table, leaderboard, plain_settings
 from .compare_run import _RESULT_FORMAT, _fingerprint, _run_one
 
 __all__ = [
@@ -306,6 +306,8 @@ def compare(
     if rows:
         atomic_write_json(out / "winner.json", {k: rows[0][k] for k in ("strategy", "accuracy_mean", "split",
                                                                           "trainable_params", "delta")})
+        winner = next(spec for spec in specs if spec.label == rows[0]["strategy"])
+        atomic_write(out / "winner.yaml", winner_fit_config(winner, settings, rows[0]))
     if verbose:
         _print_table(rows, title)
         print(f"visiontune compare: {md}, {csv_path}" + (f", {plot}" if plot else ""))
@@ -315,6 +317,35 @@ def compare(
 
 
 # ------------------------------------------------------------------------------------------ config + CLI
+def winner_fit_config(spec: Any, settings: Mapping[str, Any], row: Mapping[str, Any]) -> str:
+    """A ``visiontune fit --config`` YAML for one compared strategy: the comparison's backbone, weights,
+    data, shared model options, the strategy with its options and overrides, and the same epoch budget.
+
+    Example:
+        >>> import yaml
+        >>> spec = parse_strategies([{"name": "lora", "args": {"rank": 4}}])[0]
+        >>> text = winner_fit_config(spec, {"backbone": "resnet18", "weights": None, "data": {"train": "x/"},
+        ...                                 "model": {"bn": "eval"}, "max_epochs": 5, "max_time": None},
+        ...                          {"accuracy_mean": 0.9})
+        >>> cfg = yaml.safe_load(text)
+        >>> cfg["model"]["strategy"], cfg["model"]["strategy_args"], cfg["model"]["bn"], cfg["trainer"]
+        ('lora', {'rank': 4}, 'eval', {'max_epochs': 5})
+    """
+    import yaml
+
+    model = {"backbone": settings["backbone"], "weights": settings["weights"], **dict(settings.get("model") or {}),
+             **dict(spec.model), "strategy": spec.name}
+    if spec.args:
+        model["strategy_args"] = dict(spec.args)
+    trainer: dict[str, Any] = {"max_epochs": settings["max_epochs"]}
+    if settings.get("max_time"):
+        trainer["max_time"] = {"seconds": settings["max_time"]}
+    data = {k: v for k, v in dict(settings["data"]).items() if not isinstance(v, tuple)}
+    head = (f"# visiontune compare's winner: {spec.label} (accuracy {row.get('accuracy_mean', float('nan')):.4f})\n"
+            "# train it on all your data: visiontune fit --config winner.yaml\n")
+    return head + yaml.safe_dump(plain_settings({"model": model, "data": data, "trainer": trainer}, False), sort_keys=True)
+
+
 def load_compare_config(path: Union[str, Path]) -> dict[str, Any]:
     """Read a compare YAML file and check its keys (unknown keys are named with the valid ones).
 

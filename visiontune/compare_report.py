@@ -20,12 +20,12 @@ CSV_COLUMNS = ("rank", "strategy", "accuracy_mean", "accuracy_std", "macro_f1_me
                "trainable_params", "trainable_pct", "delta_mb", "peak_mem_mb", "train_seconds", "latency_ms",
                "epochs", "seeds", "split", "delta")
 
-def _plain(value: Any, digest: bool) -> Any:
+def plain_settings(value: Any, digest: bool) -> Any:
     """JSON-able form of settings: arrays become a content hash (fingerprint) or a short description."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v, digest) for k, v in value.items()}
+        return {str(k): plain_settings(v, digest) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_plain(v, digest) for v in value]
+        return [plain_settings(v, digest) for v in value]
     if hasattr(value, "shape") and hasattr(value, "dtype"):  # numpy array / tensor
         import numpy as np
 
@@ -123,7 +123,7 @@ def _markdown(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
         "# Strategy comparison",
         "",
         f"- backbone: `{settings['backbone']}` (weights: {settings['weights']})",
-        f"- data: `{json.dumps(_plain(settings['data'], False))}`",
+        f"- data: `{json.dumps(plain_settings(settings['data'], False))}`",
         f"- budget: {', '.join(b for b in budget if b)}; seeds: {', '.join(map(str, settings['seeds']))}",
         f"- generated: {time.strftime('%Y-%m-%d %H:%M:%S')}",
         "",
@@ -203,4 +203,4 @@ def _print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
 
-plain_settings = _plain
+plain_settings = plain_settings

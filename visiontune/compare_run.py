@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .compare_report import _plain
+from .compare_report import plain_settings
 
 if TYPE_CHECKING:  # pragma: no cover
     from .compare import StrategySpec
@@ -161,7 +161,7 @@ def _save_delta(model: Any, path: Path, bn_before: Mapping[str, Any]) -> Path:
 
 
 def _fingerprint(settings: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(_plain(settings, True), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(plain_settings(settings, True), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _run_one(spec: StrategySpec, seed: int, settings: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
