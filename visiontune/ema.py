@@ -4,7 +4,7 @@ The EMA evaluates (validation, test, predict, best-checkpoint choice) and is wha
 :meth:`visiontune.TransferClassifier.evaluated_net`. The averaging itself is
 :class:`visiontune.semisup_state.EMATeacher` (an exact ``lerp``: tensors the strategy never trains stay
 bit-identical to the base, so a delta of the EMA loads onto the base), with the warm-up of
-:func:`visiontune.fixmatch.ema_decay` (``min(decay, (1 + n) / (10 + n))``), so that a short run is not
+:func:`ema_decay` (``min(decay, (1 + n) / (10 + n))``), so that a short run is not
 dominated by the initial weights.
 """
 
@@ -14,7 +14,21 @@ from typing import Any, Mapping, Optional
 
 from torch import nn
 
-__all__ = ["WeightEMA"]
+__all__ = ["WeightEMA", "ema_decay"]
+
+
+def ema_decay(cfg_decay: float, num_updates: int) -> float:
+    """The EMA decay used at update ``num_updates``: ``min(decay, (1 + n) / (10 + n))``.
+
+    The warm-up (Mean Teacher, timm's ModelEma) lets the teacher follow the student early on; a fixed
+    0.999 would keep ~74% of the initial weights after 300 steps, longer than a small run lasts.
+
+    Example:
+        >>> ema_decay(0.999, 0), round(ema_decay(0.999, 90), 3), ema_decay(0.999, 10**6)
+        (0.1, 0.91, 0.999)
+    """
+    return min(float(cfg_decay), (1.0 + num_updates) / (10.0 + num_updates))
+
 
 
 class WeightEMA:
@@ -60,8 +74,6 @@ class WeightEMA:
         """Move the average toward ``net``; once per optimizer ``step`` (repeats are ignored)."""
         if step == self.last_step:
             return  # gradient accumulation: no optimizer step since the last update
-        from .fixmatch import ema_decay
-
         self.ensure(net)
         self.teacher.decay = ema_decay(self.decay, self.teacher.num_updates)
         self.teacher.update(net)

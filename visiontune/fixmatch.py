@@ -56,6 +56,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["FixMatchState", "as_fixmatch_config", "ema_decay", "training_step"]
 
+from .ema import ema_decay  # noqa: E402  (re-exported: FixMatch's teacher uses the same warm-up)
+
 
 def as_fixmatch_config(value: Union[FixMatchConfig, Mapping[str, Any], None]) -> Optional[FixMatchConfig]:
     """A :class:`FixMatchConfig` from itself, a plain dict (hparams, YAML) or ``None``.
@@ -73,19 +75,6 @@ def as_fixmatch_config(value: Union[FixMatchConfig, Mapping[str, Any], None]) ->
     from .options import coerce_config
 
     return coerce_config(value, FixMatchConfig, "model.semi_supervised")
-
-
-def ema_decay(cfg_decay: float, num_updates: int) -> float:
-    """The EMA decay used at update ``num_updates``: ``min(decay, (1 + n) / (10 + n))``.
-
-    The warm-up (Mean Teacher, timm's ModelEma) lets the teacher follow the student early on; a fixed
-    0.999 would keep ~74% of the initial weights after 300 steps, longer than a small run lasts.
-
-    Example:
-        >>> ema_decay(0.999, 0), round(ema_decay(0.999, 90), 3), ema_decay(0.999, 10**6)
-        (0.1, 0.91, 0.999)
-    """
-    return min(float(cfg_decay), (1.0 + num_updates) / (10.0 + num_updates))
 
 
 def _hard(targets: Tensor) -> Tensor:
