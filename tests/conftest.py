@@ -96,3 +96,19 @@ def perturb_delta(net: torch.nn.Module, seed: int, *, stats: bool = True, var: b
             m.running_mean.add_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
             if var:
                 m.running_var.mul_(1 + torch.rand(m.running_var.shape, generator=g))
+
+
+@pytest.fixture(scope="session")
+def photos_root() -> Path:
+    """The held-in real photo set of ``benchmarks/photosets.py`` (12 classes, ``train/`` + ``test/``).
+
+    Built on first use from Debian packages (``apt-get download``, about a minute) and cached under
+    ``~/.cache/visiontune/photosets`` (``VISIONTUNE_PHOTOSETS`` overrides the folder); later runs reuse it.
+    """
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "photosets", Path(__file__).resolve().parents[1] / "benchmarks" / "photosets.py")
+    photosets = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(photosets)
+    return photosets.build("photos", os.environ.get("VISIONTUNE_PHOTOSETS", photosets.CACHE))

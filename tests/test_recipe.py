@@ -115,3 +115,28 @@ def test_augment_option_is_validated():
         ImageDataModule(train="digits", augment="heavy")
     with pytest.raises(ValueError, match="augment must be one of"):
         train_transform(32, (0.5,) * 3, (0.5,) * 3, augment="heavy")
+
+
+# ---------------------------------------------------------------------------------------------- the config
+def test_finetune_yaml_is_the_defaults_and_no_config_follows_it():
+    """configs/finetune.yaml says every value in it is also the default: check each against the classes'
+    signatures, and that a CLI run with no config gets the recipe's epoch budget."""
+    import inspect
+    from pathlib import Path
+
+    import yaml
+
+    from visiontune.cli import cli_class
+
+    path = Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml"
+    cfg = yaml.safe_load(path.read_text())
+    for cls, section in ((TransferClassifier, "model"), (ImageDataModule, "data")):
+        params = inspect.signature(cls.__init__).parameters
+        for key, value in cfg[section].items():
+            if (section, key) in (("model", "weights"), ("data", "train"), ("data", "image_size")):
+                continue  # where the user's data and weights are, and the resolution, are the user's
+            assert params[key].default == value, (section, key, params[key].default, value)
+    cli = cli_class()(args=["--config", str(path), "--model.weights", "null", "--data.train", "digits"], run=False)
+    assert cli.model.learning_rate == 5e-4 and cli.trainer.max_epochs == 15
+    bare = cli_class()(args=["--model.weights", "null", "--data.train", "digits"], run=False)
+    assert bare.trainer.max_epochs == 15 and bare.model.hparams.strategy == "full" and bare.model.hparams.bn == "eval"

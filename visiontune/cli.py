@@ -12,12 +12,48 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import Optional
+from typing import Optional, Union
 
-__all__ = ["main", "VisionTuneCLI"]
+__all__ = ["main", "VisionTuneCLI", "TOOLS", "cli_class", "load_tool", "register_tool"]
+
+Tool = Callable[[Sequence[str]], int]
+
+# visiontune's own sub-commands (not LightningCLI ones): name -> "module:function", the function taking the
+# remaining argv. Only the chosen tool's module is imported (``visiontune --help`` imports none), and the tools'
+# modules never import this one to register themselves: this map is the one place that names them.
+TOOLS: dict[str, Union[str, Tool]] = {
+    "check-data": "visiontune.checks:main",
+    "compare": "visiontune.compare:compare_main",
+    "lr_find": "visiontune.tuning:lr_find_main",
+    "schedule": "visiontune.tuning:schedule_main",
+    "strategies": "visiontune.cli:strategies_main",
+}
 
 
-def _strategies(argv: Sequence[str]) -> int:
+def load_tool(name: str) -> Tool:
+    """The function of ``visiontune NAME`` (importing its module now); a ``KeyError`` for an unknown name."""
+    target = TOOLS[name]
+    if not isinstance(target, str):
+        return target
+    import importlib
+
+    module, _, function = target.partition(":")
+    return getattr(importlib.import_module(module), function)
+
+
+def register_tool(name: str) -> Callable[[Tool], Tool]:
+    """Add a ``visiontune NAME ...`` sub-command defined outside visiontune (built-ins are listed in
+    :data:`TOOLS`). The decorated function takes the remaining argv and returns the exit code."""
+
+    def deco(fn: Tool) -> Tool:
+        TOOLS[name] = fn
+        return fn
+
+    return deco
+
+
+def strategies_main(argv: Sequence[str]) -> int:
+    """``visiontune strategies``: every registered strategy with its one-line description."""
     from .strategies import available_strategies, get_strategy
 
     for name in available_strategies():
@@ -25,28 +61,8 @@ def _strategies(argv: Sequence[str]) -> int:
     return 0
 
 
-# visiontune's own sub-commands (not LightningCLI ones); each takes the remaining argv.
-TOOLS: dict[str, Callable[[Sequence[str]], int]] = {"strategies": _strategies}
-
-
-def register_tool(name: str) -> Callable:
-    """Register a ``visiontune NAME ...`` sub-command next to its definition."""
-
-    def deco(fn: Callable[[Sequence[str]], int]) -> Callable[[Sequence[str]], int]:
-        TOOLS[name] = fn
-        return fn
-
-    return deco
-
-
-def _load_tools() -> None:
-    import importlib
-
-    for mod in ("visiontune.checks", "visiontune.compare", "visiontune.schedule", "visiontune.tuning"):
-        importlib.import_module(mod)
-
-
-def _cli_class():
+def cli_class():
+    """Build the :class:`VisionTuneCLI` class (imports Lightning; ``visiontune.cli.VisionTuneCLI`` calls this)."""
     import contextlib
 
     from lightning.pytorch.callbacks import RichProgressBar
@@ -77,6 +93,7 @@ def _cli_class():
                             "init_args": {"save_dir": "runs", "name": "visiontune"},
                         },
                         "enable_model_summary": False,
+                        "max_epochs": 15,  # the recipe's budget for a folder of photos (README: Recipe)
                     },
                     args=list(args) if args is not None else None,
                     run=run,
@@ -169,7 +186,7 @@ def _cli_class():
 
 def __getattr__(name: str):
     if name == "VisionTuneCLI":
-        return _cli_class()
+        return cli_class()
     raise AttributeError(name)
 
 
@@ -177,7 +194,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``visiontune`` command."""
     from_sys = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
-    _load_tools()
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         print("visiontune tools: " + ", ".join(sorted(TOOLS)))
@@ -187,8 +203,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         if argv[0] in TOOLS:
-            return TOOLS[argv[0]](argv[1:]) or 0
-        _cli_class()(args=None if from_sys else argv)
+            return load_tool(argv[0])(argv[1:]) or 0
+        cli_class()(args=None if from_sys else argv)
     except Exception as exc:
         # the user's mistake (data, option, file), found before training: one message, exit 2, no traceback.
         # Anything else is a bug and keeps its traceback.
