@@ -1,5 +1,7 @@
 """FixMatch building blocks: pseudo-labels, confidence masks, the unlabeled loss, EMA teacher,
 distribution alignment and FlexMatch class-adaptive thresholds. Pure PyTorch, no Lightning.
+The stateful helpers (EMA teacher, alignment, FlexMatch) are defined in :mod:`visiontune.semisup_state`
+and re-exported here.
 
 One FixMatch step, for a labeled batch ``(x_l, y_l)`` of size B and an unlabeled batch of size
 ``mu * B`` seen twice (``x_w`` weakly and ``x_s`` strongly augmented)::
@@ -24,16 +26,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import ConfigError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .semisup_state import DistributionAlignment, FlexMatchThresholds
+from .semisup_state import DistributionAlignment, EMATeacher, FlexMatchThresholds, align_distribution  # noqa: F401
 
 __all__ = [
     "DistributionAlignment",
@@ -217,18 +217,6 @@ def forward_train(
 # --- pseudo-labels and losses -----------------------------------------------------------------
 
 
-def _align(probs: Tensor, class_prob_mean: Tensor, target_dist: Tensor | None) -> Tensor:
-    c = probs.shape[-1]
-    if class_prob_mean.shape != (c,):
-        raise ValueError(f"class_prob_mean must have shape ({c},); got {tuple(class_prob_mean.shape)}")
-    mean = class_prob_mean.to(probs)
-    target = torch.full_like(mean, 1.0 / c) if target_dist is None else target_dist.to(probs)
-    if target.shape != (c,):
-        raise ValueError(f"target_dist must have shape ({c},); got {tuple(target.shape)}")
-    aligned = probs * (target / mean.clamp_min(1e-12))
-    return aligned / aligned.sum(dim=-1, keepdim=True)
-
-
 def _class_thresholds(flex_state: FlexMatchThresholds | Tensor, num_classes: int) -> Tensor:
     thr = flex_state if isinstance(flex_state, Tensor) else flex_state.thresholds()
     if not isinstance(thr, Tensor) or thr.shape != (num_classes,):
@@ -249,7 +237,7 @@ def _targets_and_mask(
     if cfg.distribution_alignment:
         if class_prob_mean is None:
             raise ValueError("distribution_alignment=True needs class_prob_mean (DistributionAlignment.mean)")
-        probs = _align(probs, class_prob_mean, target_dist)
+        probs = align_distribution(probs, class_prob_mean, target_dist)
     elif class_prob_mean is not None:
         raise ValueError("class_prob_mean was given but distribution_alignment=False")
     conf, hard = probs.max(dim=-1)
@@ -437,19 +425,3 @@ def fixmatch_loss(
     w = unsup_weight(step, cfg)
     rate = mask.float().mean() if mask.numel() else mask.new_zeros((), dtype=torch.float32)
     return FixMatchOutput(loss=loss_u * w, loss_u=loss_u, weight=w, targets=targets, mask=mask, mask_rate=rate)
-
-
-# --- stateful helpers --------------------------------------------------------------------------
-
-
-_STATEFUL = ("DistributionAlignment", "EMATeacher", "FlexMatchThresholds")
-
-
-def __getattr__(name: str) -> Any:
-    """The stateful helpers live in :mod:`visiontune.semisup_state`; importable from here too."""
-    if name in _STATEFUL:
-        from . import semisup_state
-
-        return getattr(semisup_state, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-

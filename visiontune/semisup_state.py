@@ -15,14 +15,46 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from .semisup import FixMatchConfig, _align, _is_int
+# This module is below visiontune.semisup (which re-exports its classes): it imports nothing from it.
+__all__ = ["DistributionAlignment", "EMATeacher", "FlexMatchThresholds", "align_distribution"]
 
-__all__ = ["DistributionAlignment", "EMATeacher", "FlexMatchThresholds"]
+
+class _ThresholdOptions(Protocol):
+    """What :meth:`FlexMatchThresholds.from_config` reads: a :class:`~visiontune.semisup.FixMatchConfig`."""
+
+    threshold: float
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def align_distribution(probs: Tensor, class_prob_mean: Tensor, target_dist: Tensor | None) -> Tensor:
+    """Distribution alignment: ``probs * target / mean``, renormalised so each row sums to 1.
+
+    Args:
+        probs: ``(N, C)`` class probabilities.
+        class_prob_mean: ``(C,)`` running mean of the model's predictions (:attr:`DistributionAlignment.mean`).
+        target_dist: ``(C,)`` target class distribution; None = uniform.
+
+    Example:
+        >>> align_distribution(torch.tensor([[0.5, 0.5]]), torch.tensor([0.75, 0.25]), None).tolist()
+        [[0.25, 0.75]]
+    """
+    c = probs.shape[-1]
+    if class_prob_mean.shape != (c,):
+        raise ValueError(f"class_prob_mean must have shape ({c},); got {tuple(class_prob_mean.shape)}")
+    mean = class_prob_mean.to(probs)
+    target = torch.full_like(mean, 1.0 / c) if target_dist is None else target_dist.to(probs)
+    if target.shape != (c,):
+        raise ValueError(f"target_dist must have shape ({c},); got {tuple(target.shape)}")
+    aligned = probs * (target / mean.clamp_min(1e-12))
+    return aligned / aligned.sum(dim=-1, keepdim=True)
 
 
 class DistributionAlignment:
@@ -81,7 +113,7 @@ class DistributionAlignment:
 
     def align(self, probs: Tensor) -> Tensor:
         """``probs * target / mean``, renormalised so each row sums to 1."""
-        return _align(probs, self.mean, self.target)
+        return align_distribution(probs, self.mean, self.target)
 
     def state_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.clone(), "target": self.target.clone(), "steps": self.steps,
@@ -138,7 +170,7 @@ class FlexMatchThresholds:
         self.selected = torch.full((num_samples,), -1, dtype=torch.long)
 
     @classmethod
-    def from_config(cls, cfg: FixMatchConfig, num_samples: int, num_classes: int) -> FlexMatchThresholds:
+    def from_config(cls, cfg: _ThresholdOptions, num_samples: int, num_classes: int) -> FlexMatchThresholds:
         return cls(num_samples, num_classes, threshold=cfg.threshold)
 
     def counts(self) -> Tensor:
