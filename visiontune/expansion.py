@@ -44,7 +44,7 @@ from .classes import ClassExpansionConfig, distillation_loss, expand_classes, fr
 from .errors import CheckpointError, ConfigError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .module import TransferClassifier
+    from .protocols import ClassifierModel  # the hosting TransferClassifier (visiontune.module imports this module)
 
 __all__ = ["ClassExpansion", "as_expansion_config", "split_from_confusion"]
 
@@ -164,7 +164,7 @@ class ClassExpansion:
             raise DataError(problems, f"adding classes to {self.init_from}")
         return old + new
 
-    def _old_weights(self, module: "TransferClassifier") -> tuple[list[str], dict[str, Tensor]]:
+    def _old_weights(self, module: "ClassifierModel") -> tuple[list[str], dict[str, Tensor]]:
         ckpt = self.checkpoint()
         meta = ckpt.get("visiontune") or {}
         theirs = meta.get("backbone") or (ckpt.get("hyper_parameters") or {}).get("backbone")
@@ -174,7 +174,7 @@ class ClassExpansion:
         state = {k[len("net."):]: v for k, v in ckpt["state_dict"].items() if k.startswith("net.")}
         return self.old_class_names, state
 
-    def _load_old(self, module: "TransferClassifier", net: nn.Module) -> None:
+    def _load_old(self, module: "ClassifierModel", net: nn.Module) -> None:
         from .backbones import BackboneError, load_weights
 
         _, state = self._old_weights(module)
@@ -192,7 +192,7 @@ class ClassExpansion:
         return old
 
     # ------------------------------------------------------------------ setup
-    def setup(self, module: "TransferClassifier", dm: Any, stage: str = "fit") -> None:
+    def setup(self, module: "ClassifierModel", dm: Any, stage: str = "fit") -> None:
         """Build (or check) the grown model, the frozen old copy and the old-row protection.
 
         Called from the model's ``setup``, after the datamodule's (so its labels already index
@@ -250,7 +250,7 @@ class ClassExpansion:
             print(f"visiontune: adding {n} class{'es' if n != 1 else ''} {self.new_class_names} to the "
                   f"{len(old)} of {self.init_from}")
 
-    def _support(self, module: "TransferClassifier", dm: Any, order: list[str]) -> tuple[Tensor, Tensor]:
+    def _support(self, module: "ClassifierModel", dm: Any, order: list[str]) -> tuple[Tensor, Tensor]:
         """The labeled new-class images (eval transform) and their indices into the new classes."""
         from .data.sources import DataError
         from .data.transforms import eval_transform
@@ -297,7 +297,7 @@ class ClassExpansion:
         return distillation_loss(student_logits, teacher_logits, T=self.cfg.temperature)
 
     @torch.no_grad()
-    def after_step(self, module: "TransferClassifier") -> None:
+    def after_step(self, module: "ClassifierModel") -> None:
         """With ``freeze_old_rows``, put the old head rows back exactly (weight decay moves them)."""
         if not self.cfg.freeze_old_rows or self._old_rows is None:
             return
@@ -308,7 +308,7 @@ class ClassExpansion:
         if b is not None:
             head.bias[:n].copy_(b.to(head.bias.device))
 
-    def log_split(self, module: "TransferClassifier", stage: str, confusion: np.ndarray) -> None:
+    def log_split(self, module: "ClassifierModel", stage: str, confusion: np.ndarray) -> None:
         """Log ``{stage}_acc_old`` and ``{stage}_acc_new`` (``{stage}_acc`` is logged by the model)."""
         if not self.num_old or not self.new_class_names:
             return

@@ -52,7 +52,8 @@ from .semisup_state import DistributionAlignment, EMATeacher, FlexMatchThreshold
 
 if TYPE_CHECKING:  # pragma: no cover
     from .data.datamodule import ImageDataModule
-    from .module import TransferClassifier
+    from .expansion import ClassExpansion
+    from .protocols import ClassifierModel  # the hosting TransferClassifier (visiontune.module imports this module)
 
 __all__ = ["FixMatchState", "as_fixmatch_config", "ema_decay", "training_step"]
 
@@ -108,7 +109,7 @@ class FixMatchState:
         self._pending: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ data
-    def setup(self, module: "TransferClassifier", dm: Optional["ImageDataModule"]) -> None:
+    def setup(self, module: "ClassifierModel", dm: Optional["ImageDataModule"]) -> None:
         """Point the datamodule at FixMatch: ``semi_supervised``, weak/strong views, ``mu``, indices.
 
         Called from the model's ``setup("fit")``, after the datamodule's own ``setup`` (Lightning's
@@ -141,13 +142,13 @@ class FixMatchState:
         self.pool_size = len(pool)
 
     # ------------------------------------------------------------------ lazily built helpers
-    def _ensure_teacher(self, module: "TransferClassifier") -> None:
+    def _ensure_teacher(self, module: "ClassifierModel") -> None:
         if self.cfg.ema is not None and self.teacher is None:
             self.teacher = EMATeacher(module.net, self.cfg.ema)
             if "teacher" in self._pending:
                 self.teacher.load_state_dict(self._pending.pop("teacher"))
 
-    def _ensure(self, module: "TransferClassifier") -> None:
+    def _ensure(self, module: "ClassifierModel") -> None:
         cfg, n = self.cfg, module.num_classes
         self._ensure_teacher(module)
         if cfg.distribution_alignment and self.da is None:
@@ -164,7 +165,7 @@ class FixMatchState:
             if pending is not None:
                 self.flex.load_state_dict(pending)
 
-    def teacher_module(self, module: "TransferClassifier") -> nn.Module | None:
+    def teacher_module(self, module: "ClassifierModel") -> nn.Module | None:
         """The EMA teacher (moved to the student's device), or ``None`` without ``ema``.
 
         It evaluates the model: see :meth:`TransferClassifier.evaluated_net`.
@@ -178,12 +179,12 @@ class FixMatchState:
             self.teacher.module.to(first.device)
         return self.teacher.module
 
-    def weak_logits(self, module: "TransferClassifier", x_weak: Tensor) -> Tensor:
+    def weak_logits(self, module: "ClassifierModel", x_weak: Tensor) -> Tensor:
         """Detached logits of the weak views (teacher in eval mode, or the student as it is; no graph)."""
         teacher = self.teacher_module(module)
         return predict_weak(teacher if teacher is not None else module.net, x_weak)
 
-    def after_step(self, module: "TransferClassifier") -> None:
+    def after_step(self, module: "ClassifierModel") -> None:
         """Move the EMA teacher toward the student once per optimizer step."""
         if self.cfg.ema is None or module._trainer is None:
             return
@@ -297,7 +298,8 @@ def _anchor(weak_logits: Tensor, anchored: Tensor, cls: Tensor) -> Tensor:
     return torch.where(anchored[:, None], onehot, weak_logits)
 
 
-def training_step(module: "TransferClassifier", batch: Any) -> Tensor:
+def training_step(module: "ClassifierModel", batch: Any, *, fixmatch: Optional[FixMatchState],
+                  expansion: Optional["ClassExpansion"]) -> Tensor:
     """One training step with FixMatch and/or class-expansion distillation; logs every piece.
 
     Logged every step: ``train_loss``, ``train_acc`` (labeled batch), ``train_sup_loss``; with FixMatch
@@ -315,15 +317,16 @@ def training_step(module: "TransferClassifier", batch: Any) -> Tensor:
     the strong views alone left old-class accuracy at 0.83; on weak views, 0.95.
 
     Args:
-        module: the model (its ``_fixmatch`` / ``_expansion`` say what to do).
+        module: the model being trained (its ``net``, ``loss`` and Lightning logging are used).
         batch: ``{"labeled": (x, y), "unlabeled": (x_weak, x_strong, true_label, index)}`` with FixMatch,
             else ``(x, y)``.
+        fixmatch: the model's FixMatch state, or None (no unlabeled loss).
+        expansion: the model's class-expansion state, or None (no distillation, no anchoring).
 
     Returns:
         The loss to back-propagate.
     """
-    fm: FixMatchState | None = module._fixmatch
-    expansion = module._expansion
+    fm = fixmatch
     if isinstance(batch, Mapping):
         labeled, unlabeled = batch["labeled"], batch.get("unlabeled")
     else:
