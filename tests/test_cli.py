@@ -197,9 +197,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.parametrize("name", ["quickstart.yaml", "fixmatch.yaml", "new_classes.yaml"])
 def test_shipped_fit_configs_parse(name):
-    from visiontune.cli import _cli_class
+    from visiontune.cli import cli_class
 
-    cli = _cli_class()(args=["--config", str(ROOT / "configs" / name), "--model.weights", "null"], run=False)
+    cli = cli_class()(args=["--config", str(ROOT / "configs" / name), "--model.weights", "null"], run=False)
     hp = cli.model.hparams
     assert hp.backbone == "tf_efficientnet_lite0"
     if name != "quickstart.yaml":

@@ -19,8 +19,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .cli import register_tool
-
 __all__ = ["check_data", "main"]
 
 ROLES = ("train", "val", "test", "unlabeled", "predict")
@@ -182,7 +180,6 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@register_tool("check-data")
 def main(argv: Sequence[str]) -> int:
     """``visiontune check-data``: exit 0 when the data is clean, 1 on any problem."""
     args = _parser().parse_args(list(argv))

@@ -18,7 +18,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from torch import nn
 
 __all__ = ["Phase", "ResolvedSchedule", "ScheduleError", "auto_phases", "group_index", "group_names",
-           "parse_phases", "resolve_schedule"]
+           "parse_phases", "resolve_schedule", "summarize_names"]
 
 GroupRef = Union[int, str]
 _KEYS = ("at_epoch", "at_step", "groups", "regex", "lr")
@@ -197,8 +197,14 @@ def group_index(ref: GroupRef, n: int) -> int:
     return value % n
 
 
-def _describe(names: Iterable[str], width: int = 60) -> str:
-    """A short human summary of parameter names: their module prefixes at the deepest readable level."""
+def summarize_names(names: Iterable[str], width: int = 60) -> str:
+    """A short human summary of parameter names: their module prefixes at the deepest readable level
+    (at most four), cut to ``width`` characters.
+
+    Example:
+        >>> summarize_names(["layer4.0.conv1.weight", "layer4.1.conv1.weight", "fc.weight", "fc.bias"])
+        'layer4.0.conv1, layer4.1.conv1, fc'
+    """
     modules = list(dict.fromkeys(n.rsplit(".", 1)[0] if "." in n else n for n in names))
     if not modules:
         return "-"
@@ -266,7 +272,7 @@ class ResolvedSchedule:
         for i, (p, thaw) in enumerate(zip(self.phases, self.thaw)):
             gs = ",".join(names[g] if g in (0, n - 1) else str(g - n) for g in self.phase_groups[i]) or "-"
             rows.append((str(i), str(p.at), gs, f"{len(thaw):,}", "-" if p.lr is None else f"{p.lr:g}",
-                         _describe(thaw, 48)))
+                         summarize_names(thaw, 48)))
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 

@@ -79,12 +79,12 @@ from .phases import (  # noqa: F401  (re-exported: the schedule's public vocabul
     Phase,
     ResolvedSchedule,
     ScheduleError,
-    _describe,
     auto_phases,
     group_index,
     group_names,
     parse_phases,
     resolve_schedule,
+    summarize_names,
 )
 
 
@@ -286,8 +286,9 @@ class _GradualUnfreezeLogic:
         if changed and self.verbose and trainer.is_global_zero:
             p = self.schedule.phases[target]
             trainable = sum(q.numel() for q in net.parameters() if q.requires_grad)
-            print(f"GradualUnfreeze: {p.unit} {p.at}: phase {target} thaws {_describe(self.schedule.thaw[target])}"
-                  f" ({len(self.schedule.thaw[target])} tensors); {trainable:,} parameters now train")
+            thaw = self.schedule.thaw[target]
+            print(f"GradualUnfreeze: {p.unit} {p.at}: phase {target} thaws {summarize_names(thaw)}"
+                  f" ({len(thaw)} tensors); {trainable:,} parameters now train")
 
     def _sync_bn(self, pl_module: "L.LightningModule", net: "nn.Module") -> None:
         """BatchNorm modes for the current ``requires_grad`` state (only while the module trains)."""

@@ -14,8 +14,8 @@ optimizer state and ``requires_grad`` are restored afterwards.
     visiontune lr_find --config configs/schedule_explicit.yaml
     visiontune lr_find --config configs/schedule_explicit.yaml --num_training 50 --plot lr_find.png
 
-This module imports no heavy dependency until used (it registers the ``visiontune lr_find`` and
-``visiontune schedule`` commands).
+This module imports no heavy dependency until used (it holds the ``visiontune lr_find`` and
+``visiontune schedule`` commands, named in ``visiontune.cli.TOOLS``).
 """
 
 from __future__ import annotations
@@ -27,8 +27,6 @@ import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Optional, Union
-
-from .cli import register_tool
 
 if TYPE_CHECKING:  # pragma: no cover
     import lightning as L
@@ -174,7 +172,6 @@ def lr_find(
     return LRFindResult(suggestion, lrs, losses, finder.trainable, trained, found)
 
 
-@register_tool("lr_find")
 def lr_find_main(argv: Sequence[str]) -> int:
     """``visiontune lr_find --config X.yaml [--num_training N] [--plot FILE] [--model.* ...]``.
 
@@ -207,9 +204,9 @@ def lr_find_main(argv: Sequence[str]) -> int:
     if own.num_training < 3:
         ap.error("--num_training must be >= 3")
 
-    from .cli import _cli_class
+    from .cli import VisionTuneCLI
 
-    cli = _cli_class()(args=rest, run=False)
+    cli = VisionTuneCLI(args=rest, run=False)
     result = lr_find(cli.model, cli.datamodule, trainer=cli.trainer, min_lr=own.min_lr, max_lr=own.max_lr,
                      num_training=own.num_training, mode=own.mode, head_only=own.head_only)
     h = getattr(cli.model, "hparams", {})
@@ -260,7 +257,7 @@ def schedule_yaml(
               - {at_epoch: 0, groups: [head]}  # fc (1,539 parameters)
         ...
     """
-    from .schedule import _describe, auto_phases, resolve_schedule
+    from .phases import auto_phases, resolve_schedule, summarize_names
 
     if phases is None:
         phases = auto_phases(net, every_n_epochs=every_n_epochs, groups_per_phase=groups_per_phase,
@@ -297,12 +294,12 @@ def schedule_yaml(
         if p.lr is not None:
             parts.append(f"lr: {p.lr!r}")
         body.append(("      - {" + ", ".join(parts) + "}",
-                     f"{_describe(thaw)} ({sum(sizes[t] for t in thaw):,} parameters)"))
+                     f"{summarize_names(thaw)} ({sum(sizes[t] for t in thaw):,} parameters)"))
     width = max(len(b[0]) for b in body)
     lines += [f"{code.ljust(width)}  # {note}" for code, note in body]
     never = r.never_thawed()
     if never:
-        lines.append(f"# never thawed: {_describe(never)} ({sum(sizes[t] for t in never):,} parameters)")
+        lines.append(f"# never thawed: {summarize_names(never)} ({sum(sizes[t] for t in never):,} parameters)")
     return "\n".join(lines) + "\n"
 
 
@@ -360,7 +357,6 @@ def _model_options(argv: Sequence[str], prog: str, description: str) -> tuple[ar
     return args, model
 
 
-@register_tool("schedule")
 def schedule_main(argv: Sequence[str]) -> int:
     """``visiontune schedule --model.backbone NAME [--model.strategy S] [--every_n_epochs N] ...``:
     print the generated gradual-unfreezing schedule as YAML to paste into a config and edit.
