@@ -35,13 +35,13 @@ STRATEGIES = ["linear", "bitfit", {"name": "lora", "args": {"rank": 2}}]
 @pytest.fixture
 def counted(monkeypatch):
     calls: list[tuple[str, int]] = []
-    real = cmp._run_one
+    real = cmp.run_one
 
     def run(spec, seed, settings, run_dir):
         calls.append((spec.label, seed))
         return real(spec, seed, settings, run_dir)
 
-    monkeypatch.setattr(cmp, "_run_one", run)
+    monkeypatch.setattr(cmp, "run_one", run)
     return calls
 
 
@@ -78,14 +78,14 @@ def test_compare_writes_leaderboard(tmp_path, counted, capsys):
 
 def test_resume_skips_finished_runs(tmp_path, counted, monkeypatch):
     out = tmp_path / "cmp"
-    real = cmp._run_one
+    real = cmp.run_one
 
     def interrupted(spec, seed, settings, run_dir):
         if spec.name == "bitfit":
             raise KeyboardInterrupt  # the comparison is stopped half way
         return real(spec, seed, settings, run_dir)
 
-    monkeypatch.setattr(cmp, "_run_one", interrupted)
+    monkeypatch.setattr(cmp, "run_one", interrupted)
     with pytest.raises(KeyboardInterrupt):
         compare(_data(), ["linear", "bitfit"], output=out, **SETTINGS)
     assert [p.name for p in (out / "results").glob("*.json")] == ["linear__seed0.json"]
@@ -96,7 +96,7 @@ def test_resume_skips_finished_runs(tmp_path, counted, monkeypatch):
         calls.append(spec.label)
         return real(spec, seed, settings, run_dir)
 
-    monkeypatch.setattr(cmp, "_run_one", counting)
+    monkeypatch.setattr(cmp, "run_one", counting)
     result = compare(_data(), ["linear", "bitfit"], output=out, **SETTINGS)
     assert calls == ["bitfit"] and result.reused == 1 and len(result.rows) == 2
     # a changed budget is a different experiment: the result is not reused
@@ -105,14 +105,14 @@ def test_resume_skips_finished_runs(tmp_path, counted, monkeypatch):
 
 
 def test_failing_strategy_is_reported_and_others_finish(tmp_path, monkeypatch):
-    real = cmp._run_one
+    real = cmp.run_one
 
     def flaky(spec, seed, settings, run_dir):
         if spec.name == "bitfit":
             raise RuntimeError("out of memory")
         return real(spec, seed, settings, run_dir)
 
-    monkeypatch.setattr(cmp, "_run_one", flaky)
+    monkeypatch.setattr(cmp, "run_one", flaky)
     result = compare(_data(), ["linear", "bitfit"], output=tmp_path, seeds=[0, 1], **SETTINGS)
     assert [f["label"] for f in result.failures] == ["bitfit", "bitfit"]
     assert [r["strategy"] for r in result.rows] == ["linear"] and result.rows[0]["seeds"] == "0 1"

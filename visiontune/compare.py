@@ -24,7 +24,8 @@ only initialisation, dropout and the like vary).
 Peak memory: on CUDA the peak allocated memory; on CPU the peak resident memory above the level before
 the run (sampled every 10 ms, after returning freed heap memory to the OS).
 
-This module registers the ``visiontune compare`` command and imports nothing heavy until used. One run
+This module holds the ``visiontune compare`` command (:func:`compare_main`, named in ``visiontune.cli.TOOLS``)
+and imports nothing heavy until used. One run
 lives in :mod:`visiontune.compare_run`, the leaderboard files in :mod:`visiontune.compare_report`.
 """
 
@@ -33,16 +34,22 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import re
 import sys
 import types
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from .cli import register_tool
-from .compare_report import CSV_COLUMNS, _csv, _markdown, _plot, _print_table, leaderboard, plain_settings
-from .compare_run import _RESULT_FORMAT, _fingerprint, _run_one
+from .compare_report import (
+    CSV_COLUMNS,
+    leaderboard,
+    leaderboard_csv,
+    leaderboard_markdown,
+    plain_settings,
+    plot_leaderboard,
+    print_leaderboard,
+)
+from .compare_run import RESULT_FORMAT, StrategySpec, fingerprint, run_one
 
 __all__ = [
     "CSV_COLUMNS",
@@ -63,30 +70,6 @@ CONFIG_KEYS = ("backbone", "weights", "data", "strategies", "seeds", "max_epochs
 
 
 # ------------------------------------------------------------------------------------------ strategies
-@dataclasses.dataclass(frozen=True)
-class StrategySpec:
-    """One contender: a registered strategy, its options, and model overrides for it alone.
-
-    Args:
-        name: registered strategy name.
-        args: strategy options (``{"rank": 4}``).
-        model: :class:`~visiontune.TransferClassifier` arguments for this strategy only (``{"lr": 0.01}``;
-            ``{"cache_features": True}`` for a fast ``linear``).
-        label: the name shown in the leaderboard; default ``name`` or ``name(k=v, ...)``.
-    """
-
-    name: str
-    args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    label: str = ""
-
-    @property
-    def slug(self) -> str:
-        """File-name-safe label: ``lora(rank=4)`` → ``lora-rank4``."""
-        s = re.sub(r"[^A-Za-z0-9_.]+", "-", self.label.replace("=", "")).strip("-.")
-        return s or self.name
-
-
 def parse_strategies(entries: Optional[Sequence[Union[str, Mapping[str, Any]]]]) -> list[StrategySpec]:
     """Validate a strategy list: names, or mappings ``{name, args, model, label}``.
 
@@ -263,8 +246,8 @@ def compare(
             for spec in specs:
                 k += 1
                 key = {k2: v for k2, v in settings.items() if k2 not in ("seeds", "latency_repeats")}
-                fp = _fingerprint({**key, "strategy": spec.name, "args": dict(spec.args),
-                                   "overrides": dict(spec.model), "seed": seed, "format": _RESULT_FORMAT})
+                fp = fingerprint({**key, "strategy": spec.name, "args": dict(spec.args),
+                                  "overrides": dict(spec.model), "seed": seed, "format": RESULT_FORMAT})
                 path = out / "results" / f"{spec.slug}__seed{seed}.json"
                 if resume and path.is_file():
                     try:
@@ -281,7 +264,7 @@ def compare(
                 if verbose:
                     print(f"[{k}/{total}] {spec.label} seed {seed}: training ...", flush=True)
                 try:
-                    record = _run_one(spec, seed, settings, out / "runs" / spec.slug / f"seed{seed}")
+                    record = run_one(spec, seed, settings, out / "runs" / spec.slug / f"seed{seed}")
                 except Exception as exc:  # one failing strategy does not stop the others
                     failures.append({"label": spec.label, "seed": seed, "error": f"{type(exc).__name__}: {exc}"})
                     if verbose:
@@ -300,16 +283,16 @@ def compare(
 
     rows = leaderboard(results)
     title = f"{backbone}: {len(specs)} strategies × {len(seeds)} seed(s)"
-    md = atomic_write(out / "leaderboard.md", _markdown(rows, settings, failures))
-    csv_path = atomic_write(out / "leaderboard.csv", _csv(rows))
-    plot = _plot(rows, out / "leaderboard.png", title) if rows else None
+    md = atomic_write(out / "leaderboard.md", leaderboard_markdown(rows, settings, failures))
+    csv_path = atomic_write(out / "leaderboard.csv", leaderboard_csv(rows))
+    plot = plot_leaderboard(rows, out / "leaderboard.png", title) if rows else None
     if rows:
         atomic_write_json(out / "winner.json", {k: rows[0][k] for k in ("strategy", "accuracy_mean", "split",
                                                                           "trainable_params", "delta")})
         winner = next(spec for spec in specs if spec.label == rows[0]["strategy"])
         atomic_write(out / "winner.yaml", winner_fit_config(winner, settings, rows[0]))
     if verbose:
-        _print_table(rows, title)
+        print_leaderboard(rows, title)
         print(f"visiontune compare: {md}, {csv_path}" + (f", {plot}" if plot else ""))
         if failures:
             print(f"visiontune compare: {len(failures)} run(s) failed; run the same command again to retry them")
@@ -385,7 +368,6 @@ def _int_list(text: str) -> list[int]:
     return [int(s) for s in text.split(",") if s.strip()]
 
 
-@register_tool("compare")
 def compare_main(argv: Sequence[str]) -> int:
     """``visiontune compare --config FILE [--strategies a,b] [--seeds 0,1] [--max_epochs N] ...``."""
     p = argparse.ArgumentParser(prog="visiontune compare",

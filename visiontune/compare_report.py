@@ -14,7 +14,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CSV_COLUMNS", "leaderboard", "plain_settings"]
+__all__ = ["CSV_COLUMNS", "leaderboard", "leaderboard_csv", "leaderboard_markdown", "plain_settings",
+           "plot_leaderboard", "print_leaderboard"]
 
 CSV_COLUMNS = ("rank", "strategy", "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std",
                "trainable_params", "trainable_pct", "delta_mb", "peak_mem_mb", "train_seconds", "latency_ms",
@@ -114,8 +115,9 @@ def _display_rows(rows: Sequence[Mapping[str, Any]]) -> tuple[list[str], list[li
     return header, body
 
 
-def _markdown(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
-              failures: Sequence[Mapping[str, Any]]) -> str:
+def leaderboard_markdown(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
+                         failures: Sequence[Mapping[str, Any]]) -> str:
+    """``leaderboard.md``: the settings, one table row per :func:`leaderboard` row, and the failed runs."""
     header, body = _display_rows(rows)
     budget = [f"{settings['max_epochs']} epochs" if settings["max_epochs"] not in (None, -1) else "",
               f"{settings['max_time']} s per run" if settings["max_time"] is not None else ""]
@@ -143,7 +145,8 @@ def _markdown(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
     return "\n".join(lines) + "\n"
 
 
-def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
+def leaderboard_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """``leaderboard.csv``: the :func:`leaderboard` rows, columns :data:`CSV_COLUMNS`."""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(CSV_COLUMNS))
     w.writeheader()
@@ -151,7 +154,8 @@ def _csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def _plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+def plot_leaderboard(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """Save ``leaderboard.png`` (accuracy vs. trainable parameters, log x; marker area ∝ train time) to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -185,7 +189,8 @@ def _plot(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
         plt.close(fig)
 
 
-def _print_table(rows: Sequence[Mapping[str, Any]], title: str) -> None:
+def print_leaderboard(rows: Sequence[Mapping[str, Any]], title: str) -> None:
+    """Print the :func:`leaderboard` rows as a table (rich, when installed) to stdout."""
     header, body = _display_rows(rows)
     try:
         from rich.console import Console

@@ -12,21 +12,44 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import statistics
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .compare_report import plain_settings
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .compare import StrategySpec
+__all__ = ["RESULT_FORMAT", "StrategySpec", "fingerprint", "run_one"]
 
-__all__ = ["run_one"]
+RESULT_FORMAT = 1
+"""Version of the result records: part of each run's :func:`fingerprint`, so a change redoes old runs."""
 
-_RESULT_FORMAT = 1
+
+@dataclasses.dataclass(frozen=True)
+class StrategySpec:
+    """One contender: a registered strategy, its options, and model overrides for it alone.
+
+    Args:
+        name: registered strategy name.
+        args: strategy options (``{"rank": 4}``).
+        model: :class:`~visiontune.TransferClassifier` arguments for this strategy only (``{"lr": 0.01}``;
+            ``{"cache_features": True}`` for a fast ``linear``).
+        label: the name shown in the leaderboard; default ``name`` or ``name(k=v, ...)``.
+    """
+
+    name: str
+    args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    model: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe label: ``lora(rank=4)`` → ``lora-rank4``."""
+        s = re.sub(r"[^A-Za-z0-9_.]+", "-", self.label.replace("=", "")).strip("-.")
+        return s or self.name
 
 
 def _rss() -> int:
@@ -160,11 +183,12 @@ def _save_delta(model: Any, path: Path, bn_before: Mapping[str, Any]) -> Path:
     return atomic_save_safetensors(tensors, path, meta)
 
 
-def _fingerprint(settings: Mapping[str, Any]) -> str:
+def fingerprint(settings: Mapping[str, Any]) -> str:
+    """A short digest of a run's settings (file contents included): a stored result with the same one is reused."""
     return hashlib.sha256(json.dumps(plain_settings(settings, True), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _run_one(spec: StrategySpec, seed: int, settings: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
+def run_one(spec: StrategySpec, seed: int, settings: Mapping[str, Any], run_dir: Path) -> dict[str, Any]:
     """Train and evaluate one strategy with one seed; returns its result record (not yet written)."""
     import lightning as L
     import torch
@@ -214,7 +238,7 @@ def _run_one(spec: StrategySpec, seed: int, settings: Mapping[str, Any], run_dir
     image_size = dm.resolved["image_size"] if getattr(dm, "resolved", None) else 224
     latency = _latency_ms(_deployable(model.net), image_size, settings["latency_repeats"])
     return {
-        "format": _RESULT_FORMAT,
+        "format": RESULT_FORMAT,
         "label": spec.label,
         "strategy": spec.name,
         "args": dict(spec.args),
@@ -239,6 +263,3 @@ def _run_one(spec: StrategySpec, seed: int, settings: Mapping[str, Any], run_dir
         "torch_threads": torch.get_num_threads(),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-
-
-run_one = _run_one
