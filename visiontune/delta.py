@@ -63,6 +63,16 @@ __all__ = [
     "save_delta",
     "task_bank",
     "use_task",
+    # the delta-format building blocks the other delta modules (delta_writer, tasks) use
+    "DeltaInfo",
+    "DeltaLayout",
+    "applied_strategy",
+    "base_tensor_hashes",
+    "check_delta",
+    "delta_info",
+    "is_transfer_classifier",
+    "set_class_names",
+    "write_delta",
 ]
 
 FORMAT = "visiontune-delta"
@@ -81,7 +91,10 @@ class DeltaError(UserError, ValueError):
 
 # ------------------------------------------------------------------------------------------ describing
 @dataclass
-class _Info:
+class DeltaInfo:
+    """What a delta of a model is about (from :func:`delta_info`): the network whose tensors it holds, the
+    TransferClassifier around it (or None for a bare timm net), and the header fields."""
+
     net: nn.Module
     module: nn.Module | None
     backbone: str
@@ -92,13 +105,13 @@ class _Info:
     weights_of: str = "model"  # "ema" | "model": which weights `net` holds (metadata `weights_of`)
 
 
-def _is_module(model: Any) -> bool:
+def is_transfer_classifier(model: Any) -> bool:
     """A TransferClassifier (duck-typed: importing it would import Lightning)."""
     hparams = getattr(model, "hparams", None)
     return isinstance(model, nn.Module) and hparams is not None and "backbone" in hparams and hasattr(model, "net")
 
 
-def _describe(
+def delta_info(
     model: nn.Module,
     *,
     class_names: list[str] | None = None,
@@ -108,13 +121,13 @@ def _describe(
     backbone_args: Mapping[str, Any] | None = None,
     weights_of: str = "model",
     checkpoint: Mapping[str, Any] | None = None,
-) -> _Info:
+) -> DeltaInfo:
     """What a delta of ``model`` is about. ``weights_of="evaluated"`` (saving): the network that evaluates a
     TransferClassifier (:meth:`~visiontune.TransferClassifier.evaluated_net`: its EMA, if it keeps one);
     ``"model"``: ``model.net`` (loading, task banks). ``checkpoint``: that network as in this checkpoint dict."""
     if weights_of not in ("evaluated", "model"):
         raise DeltaError(f"weights_of must be 'evaluated' or 'model', got {weights_of!r}")
-    if _is_module(model):
+    if is_transfer_classifier(model):
         if model.net is None:
             raise DeltaError(
                 "the TransferClassifier has no network yet: set num_classes/class_names or run setup first"
@@ -125,7 +138,7 @@ def _describe(
             args["drop_path_rate"] = h["drop_path_rate"]
         w = weights if weights is not None else h.get("weights")
         net, held = _held_net(model, weights_of, checkpoint)
-        return _Info(
+        return DeltaInfo(
             net=net, module=model, backbone=backbone or h["backbone"],
             weights=None if w is None else str(w),
             class_names=list(class_names or model.class_names or []) or None,
@@ -134,7 +147,7 @@ def _describe(
     if not isinstance(model, nn.Module):
         raise DeltaError(f"expected a TransferClassifier or a timm model, got {type(model).__name__}")
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
-    return _Info(
+    return DeltaInfo(
         net=model, module=None, backbone=backbone or arch or "",
         weights=None if weights is None else str(weights),
         class_names=list(class_names) if class_names is not None else None,
@@ -154,7 +167,8 @@ def _held_net(model: nn.Module, weights_of: str, checkpoint: Mapping[str, Any] |
     return net, "model"
 
 
-def _strategy(net: nn.Module) -> Any:
+def applied_strategy(net: nn.Module) -> Any:
+    """The strategy config applied to ``net`` (``net.visiontune_strategy``); a :class:`DeltaError` if none is."""
     cfg = getattr(net, "visiontune_strategy", None)
     if cfg is None:
         raise DeltaError(
@@ -170,7 +184,9 @@ def _jsonable(obj: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------- layout
 @dataclass
-class _Layout:
+class DeltaLayout:
+    """The tensors a delta of a network holds, by kind (from :func:`check_delta`)."""
+
     dense: dict[str, torch.Size]     # parameter name -> shape (incl. head)
     sparse: dict[str, torch.Size]    # masked parameter name -> shape
     stats: dict[str, torch.Size]     # BatchNorm buffer name -> shape
@@ -190,10 +206,10 @@ def _sparse_masks(net: nn.Module) -> dict[str, torch.Tensor]:
     return sparse_masks(net)
 
 
-def _layout(net: nn.Module, bn: str) -> _Layout:
+def _layout(net: nn.Module, bn: str) -> DeltaLayout:
     if bn not in ("frozen", "eval", "train"):
         raise DeltaError(f"bn policy must be 'frozen', 'eval' or 'train', got {bn!r}")
-    _strategy(net)
+    applied_strategy(net)
     delta = delta_parameter_names(net)
     masks = _sparse_masks(net)
     params = dict(net.named_parameters())
@@ -212,7 +228,7 @@ def _layout(net: nn.Module, bn: str) -> _Layout:
                 t = getattr(m, b, None)
                 if isinstance(t, torch.Tensor):
                     stats[prefix + b] = t.shape
-    return _Layout(dense, sparse, stats, head_parameter_names(net))
+    return DeltaLayout(dense, sparse, stats, head_parameter_names(net))
 
 
 def _hash(t: torch.Tensor) -> str:
@@ -230,7 +246,7 @@ def _merged_base_weights(net: nn.Module) -> set[str]:
     return {f"{n}.base_layer.weight" for n, layer in lora_layers(net).items() if layer.merged}
 
 
-def _base_hashes(net: nn.Module, skip: set[str]) -> dict[str, str]:
+def base_tensor_hashes(net: nn.Module, skip: set[str]) -> dict[str, str]:
     """Short hash of every base tensor (state-dict entry) not in ``skip`` and not task-specific."""
     skip = skip | _merged_base_weights(net)
     return {
@@ -240,7 +256,7 @@ def _base_hashes(net: nn.Module, skip: set[str]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------- saving
-def _collect(net: nn.Module, layout: _Layout) -> dict[str, torch.Tensor]:
+def _collect(net: nn.Module, layout: DeltaLayout) -> dict[str, torch.Tensor]:
     params = dict(net.named_parameters())
     buffers = dict(net.named_buffers())
     out = {n: params[n].detach().to("cpu").clone() for n in layout.dense}
@@ -253,9 +269,11 @@ def _collect(net: nn.Module, layout: _Layout) -> dict[str, torch.Tensor]:
     return out
 
 
-def _write(info: _Info, path: str | os.PathLike) -> Path:
+def write_delta(info: DeltaInfo, path: str | os.PathLike) -> Path:
+    """Write the delta described by ``info`` (see :func:`delta_info`) to ``path`` atomically; what
+    :func:`save_delta` does after describing its model."""
     net = info.net
-    cfg = _strategy(net)
+    cfg = applied_strategy(net)
     if info.class_names is None:
         raise DeltaError(
             "save_delta: pass class_names=[...] for a bare timm net (a TransferClassifier knows its classes)"
@@ -285,7 +303,7 @@ def _write(info: _Info, path: str | os.PathLike) -> Path:
         "weights_of": info.weights_of,
         "backbone_args": json.dumps(_jsonable(info.backbone_args), sort_keys=True),
         "head": json.dumps(layout.head),
-        "base_hashes": json.dumps(_base_hashes(net, skip), sort_keys=True),
+        "base_hashes": json.dumps(base_tensor_hashes(net, skip), sort_keys=True),
     }
     return atomic_save_safetensors(tensors, path, meta)
 
@@ -329,9 +347,9 @@ def save_delta(
         >>> _ = apply_strategy(net, "lora", {"rank": 4})
         >>> save_delta(net, "task.safetensors", class_names=["a", "b", "c"])  # doctest: +SKIP
     """
-    info = _describe(model, class_names=class_names, backbone=backbone, weights=weights, bn=bn,
-                     backbone_args=backbone_args, weights_of=weights_of)
-    return _write(info, path)
+    info = delta_info(model, class_names=class_names, backbone=backbone, weights=weights, bn=bn,
+                      backbone_args=backbone_args, weights_of=weights_of)
+    return write_delta(info, path)
 
 
 # ------------------------------------------------------------------------------------------ reading
@@ -394,10 +412,11 @@ def _shown(items: list[str], n: int = 8) -> str:
     return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
 
 
-def _check(info: _Info, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], source: str, *,
-           strict: bool, check_base: bool, allow_head_mismatch: bool = False,
-           base_hashes: Mapping[str, str] | None = None) -> _Layout:
-    """Raise a :class:`DeltaError` naming everything in the delta that does not fit ``info.net``.
+def check_delta(info: DeltaInfo, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], source: str, *,
+                strict: bool, check_base: bool, allow_head_mismatch: bool = False,
+                base_hashes: Mapping[str, str] | None = None) -> DeltaLayout:
+    """Raise a :class:`DeltaError` naming everything in the delta that does not fit ``info.net``; else return
+    the layout of the tensors to write into it. ``tensors``, ``meta``: from :func:`delta_from_file`.
 
     ``allow_head_mismatch``: another class count is fine (a TaskBank gives every task its own head), only
     the head's input size must match. ``base_hashes``: precomputed hashes of the base (TaskBank).
@@ -408,7 +427,7 @@ def _check(info: _Info, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, 
     model_backbone = info.backbone or arch
     if model_backbone and meta.get("backbone") and meta["backbone"] != model_backbone:
         problems.append(f"backbone: delta is for {meta['backbone']!r}, the model is {model_backbone!r}")
-    cfg = _strategy(net)
+    cfg = applied_strategy(net)
     name = strategy_name(cfg)
     if meta.get("strategy") != name:
         problems.append(f"strategy: delta was saved with {meta.get('strategy')!r}, the model uses {name!r}")
@@ -460,7 +479,7 @@ def _check(info: _Info, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, 
         raise DeltaError(f"{source} does not fit the model: " + "; ".join(problems))
     saved = meta.get("base_hashes") or {}
     if check_base and saved:
-        mine = base_hashes if base_hashes is not None else _base_hashes(net, set(expected) | set(layout.sparse))
+        mine = base_hashes if base_hashes is not None else base_tensor_hashes(net, {*expected, *layout.sparse})
         differ = [k for k in saved if k in mine and mine[k] != saved[k]]
         absent = [k for k in saved if k not in mine and k not in _merged_base_weights(net)]
         if differ or absent:
@@ -478,7 +497,7 @@ def _check(info: _Info, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, 
     return layout
 
 
-def _write_into(net: nn.Module, tensors: Mapping[str, torch.Tensor], layout: _Layout) -> None:
+def _write_into(net: nn.Module, tensors: Mapping[str, torch.Tensor], layout: DeltaLayout) -> None:
     params = dict(net.named_parameters())
     buffers = dict(net.named_buffers())
     with torch.no_grad():
@@ -535,9 +554,9 @@ def load_delta(
     """
     from .strategies.lora import lora_layers
 
-    info = _describe(model)
+    info = delta_info(model)
     tensors, meta = delta_from_file(path)
-    layout = _check(info, tensors, meta, repr(str(path)), strict=strict, check_base=check_base)
+    layout = check_delta(info, tensors, meta, repr(str(path)), strict=strict, check_base=check_base)
     merged = [layer for layer in lora_layers(info.net).values() if layer.merged]
     for layer in merged:
         layer.unmerge()
@@ -545,11 +564,12 @@ def load_delta(
     for layer in merged:
         layer.merge()
     if info.module is not None and meta.get("class_names"):
-        _set_classes(info.module, list(meta["class_names"]))
+        set_class_names(info.module, list(meta["class_names"]))
     return meta
 
 
-def _set_classes(module: nn.Module, names: list[str]) -> None:
+def set_class_names(module: nn.Module, names: list[str]) -> None:
+    """Give a TransferClassifier the class names ``names`` (attributes and hparams), as loading a delta does."""
     module.class_names = list(names)
     module.num_classes = len(names)
     module.hparams["class_names"] = list(names)

@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from .delta import _describe, _write
+from .delta import delta_info, write_delta
 from .io import safe_torch_load
 
 __all__ = ["DeltaWriter"]
@@ -86,8 +86,8 @@ class DeltaWriter(Callback):
             return
         checkpoint = self._best_checkpoint(trainer) if self.source == "best" else None
         # the network that evaluated (its EMA, if any), as the best checkpoint holds it: what validation ranked
-        info = _describe(pl_module, weights_of=self.weights_of, checkpoint=checkpoint)
-        path = _write(info, self._folder(trainer) / self.filename)
+        info = delta_info(pl_module, weights_of=self.weights_of, checkpoint=checkpoint)
+        path = write_delta(info, self._folder(trainer) / self.filename)
         self.written = path
         print(f"visiontune delta: {path} ({path.stat().st_size / 1024:.1f} KB, "
               f"{info.net.visiontune_strategy.strategy_name})")

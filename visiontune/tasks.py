@@ -31,14 +31,13 @@ from torch import nn
 
 from .delta import (
     DeltaError,
-    _base_hashes,
-    _check,
-    _describe,
-    _is_module,
-    _set_classes,
-    _sparse_masks,
-    _strategy,
+    applied_strategy,
+    base_tensor_hashes,
+    check_delta,
     delta_from_file,
+    delta_info,
+    is_transfer_classifier,
+    set_class_names,
 )
 
 __all__ = ["MultiTask", "TaskBank", "add_task", "merge_task", "task_bank", "use_task"]
@@ -103,8 +102,8 @@ class TaskBank:
     def __init__(self, model: nn.Module, *, check_base: bool = True, weak: bool = False) -> None:
         from .strategies.lora import lora_layers
 
-        info = _describe(model)
-        _strategy(info.net)
+        info = delta_info(model)
+        applied_strategy(info.net)
         self._model: Any = weakref.ref(model) if weak else (lambda: model)
         merged = [layer for layer in lora_layers(info.net).values() if layer.merged]
         if merged:
@@ -134,7 +133,7 @@ class TaskBank:
     def net(self) -> nn.Module:
         """The timm network inside :attr:`model`."""
         model = self.model
-        return model.net if _is_module(model) else model
+        return model.net if is_transfer_classifier(model) else model
 
     @property
     def active(self) -> str | None:
@@ -191,11 +190,11 @@ class TaskBank:
         if self.check_base and self._hashes is None:
             if self._active is not None:  # pragma: no cover - hashes are taken before the first task exists
                 raise DeltaError("TaskBank: base hashes must be taken in the base state")
-            self._hashes = _base_hashes(net, set())
+            self._hashes = base_tensor_hashes(net, set())
         tensors, meta = delta_from_file(path)
-        info = _describe(self.model)
-        layout = _check(info, tensors, meta, repr(str(path)), strict=strict, check_base=self.check_base,
-                        allow_head_mismatch=True, base_hashes=self._hashes)
+        info = delta_info(self.model)
+        layout = check_delta(info, tensors, meta, repr(str(path)), strict=strict, check_base=self.check_base,
+                             allow_head_mismatch=True, base_hashes=self._hashes)
         params = dict(net.named_parameters())
         device = next(iter(params.values())).device
         head = set(layout.head)
@@ -256,8 +255,8 @@ class TaskBank:
         if hasattr(net, "num_classes"):
             net.num_classes = n_out
         model = self.model
-        if _is_module(model) and class_names is not None:
-            _set_classes(model, class_names)
+        if is_transfer_classifier(model) and class_names is not None:
+            set_class_names(model, class_names)
 
     @torch.no_grad()
     def _restore(self, net: nn.Module) -> None:
@@ -272,6 +271,8 @@ class TaskBank:
 
     @torch.no_grad()
     def _apply(self, net: nn.Module, task: _Task) -> None:
+        from .strategies.sparse import sparse_masks
+
         params = dict(net.named_parameters())
         buffers = dict(net.named_buffers())
         undo: list[tuple] = []
@@ -282,7 +283,7 @@ class TaskBank:
             for n, t in task.stats.items():
                 undo.append(("copy", buffers[n], buffers[n].clone()))
                 buffers[n].copy_(t)
-            masks = _sparse_masks(net) if task.sparse else {}
+            masks = sparse_masks(net) if task.sparse else {}
             for n, (idx, values) in task.sparse.items():
                 flat = params[n].detach().view(-1)
                 undo.append(("index", flat, idx, flat[idx].clone()))
