@@ -21,6 +21,7 @@ Register a new strategy next to its definition::
 from __future__ import annotations
 
 import dataclasses
+import importlib
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Mapping
 
@@ -72,6 +73,18 @@ class Strategy:
 
 
 _REGISTRY: dict[str, Strategy] = {}
+# Modules of visiontune.strategies that define built-in strategies; imported the first time the registry is read.
+_BUILTIN_MODULES = ("freeze", "lora", "adapter", "prompt", "sparse")
+_loaded = False
+
+
+def _load_builtins() -> None:
+    global _loaded
+    if _loaded:
+        return
+    _loaded = True
+    for mod in _BUILTIN_MODULES:  # built-ins: a missing one is a broken install and must fail loudly
+        importlib.import_module(f"{__package__}.{mod}")
 
 
 def register_strategy(name: str, config_cls: type[StrategyConfig]) -> Callable:
@@ -90,8 +103,6 @@ def register_strategy(name: str, config_cls: type[StrategyConfig]) -> Callable:
 
 def available_strategies() -> list[str]:
     """Names of all registered strategies, e.g. ``['bitfit', 'full', 'last_k', 'linear', ...]``."""
-    from . import _load_builtins
-
     _load_builtins()
     return sorted(_REGISTRY)
 

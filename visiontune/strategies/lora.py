@@ -47,8 +47,8 @@ from dataclasses import dataclass
 from torch import nn
 
 from .base import StrategyConfig, StrategyError, register_strategy
-from .lora_layers import _INITS, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
-from .quant import _BITS, QuantizedConv2d, QuantizedLinear, _conv_is_supported, _QuantizedBase
+from .lora_layers import LORA_INITS, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
+from .quant import SUPPORTED_BITS, QuantizedBase, QuantizedConv2d, QuantizedLinear, conv_is_supported
 
 __all__ = [
     "LoRAConfig",
@@ -149,8 +149,8 @@ class LoRAConfig(StrategyConfig):
             raise StrategyError(
                 f"option 'conv_groups' of strategy {s!r} must be one of {list(_CONV_GROUPS)}, got {self.conv_groups!r}"
             )
-        if self.init not in _INITS:
-            raise StrategyError(f"option 'init' of strategy {s!r} must be one of {list(_INITS)}, got {self.init!r}")
+        if self.init not in LORA_INITS:
+            raise StrategyError(f"option 'init' of strategy {s!r} must be one of {list(LORA_INITS)}, got {self.init!r}")
 
     @property
     def scaling(self) -> float:
@@ -175,8 +175,9 @@ class QLoRAConfig(LoRAConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.bits, bool) or self.bits not in _BITS:
-            raise StrategyError(f"option 'bits' of strategy 'qlora' must be one of {list(_BITS)}, got {self.bits!r}")
+        if isinstance(self.bits, bool) or self.bits not in SUPPORTED_BITS:
+            raise StrategyError(f"option 'bits' of strategy 'qlora' must be one of {list(SUPPORTED_BITS)}, "
+                                f"got {self.bits!r}")
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -223,7 +224,7 @@ def _preset(cands: dict[str, nn.Module]) -> list[str]:
     if linear and sum(_wsize(cands[n]) for n in linear) >= sum(_wsize(cands[n]) for n in convs):
         return linear  # ViT-style: attention qkv/proj + MLP fc1/fc2 (everything but the head)
     stem = convs[:1]  # the first conv sees the image: few weights, little to gain
-    dense = [n for n in convs[1:] if cands[n].groups == 1 and _conv_is_supported(cands[n])]
+    dense = [n for n in convs[1:] if cands[n].groups == 1 and conv_is_supported(cands[n])]
     pointwise = [n for n in dense if tuple(cands[n].kernel_size) == (1, 1)]
     if 3 * sum(_wsize(cands[n]) for n in pointwise) >= sum(_wsize(cands[n]) for n in dense):
         return pointwise  # depthwise-separable / bottleneck nets: the 1×1 convs mix channels
@@ -296,7 +297,7 @@ def _wrap(name: str, m: nn.Module, cfg: LoRAConfig, bits: int | None, capped: li
             f"LoRA target {name!r} is a grouped convolution (groups={m.groups}) and option 'conv_groups' is "
             "'refuse'; use conv_groups='per_group' (a delta that keeps the groups) or add it to 'exclude'"
         )
-    if not _conv_is_supported(m):
+    if not conv_is_supported(m):
         raise StrategyError(
             f"LoRA target {name!r} is a {type(m).__name__} with its own forward (a merged delta would not be "
             "exact); add it to 'exclude'"
@@ -440,7 +441,7 @@ def frozen_weight_bytes(model: nn.Module, lora_layers_only: bool = False) -> int
                 seen.add(id(p))
                 total += p.numel() * p.element_size()
         for m in root.modules():
-            if isinstance(m, _QuantizedBase):
+            if isinstance(m, QuantizedBase):
                 for b in m.buffers(recurse=False):
                     if id(b) not in seen:
                         seen.add(id(b))

@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StrategyError
-from .quant import _conv, _conv_is_supported, _is_same_pad, _QuantizedBase
+from .quant import QuantizedBase, conv_is_supported, conv_like, is_same_pad
 
-__all__ = ["LoRAConv2d", "LoRALayer", "LoRALinear", "LoRAQKVLinear"]
+__all__ = ["LORA_INITS", "LoRAConv2d", "LoRALayer", "LoRALinear", "LoRAQKVLinear"]
 
-_INITS = ("zero", "gaussian")
+LORA_INITS = ("zero", "gaussian")
+"""How ``lora_B`` starts (LoRA's ``init`` option): zeros (the delta starts at 0) or small gaussian noise."""
 
 
 # -------------------------------------------------------------------------------------- LoRA layers
@@ -62,11 +63,11 @@ class LoRALayer(nn.Module):
     @property
     def quantized(self) -> bool:
         """Whether the frozen base weight is stored quantized (qlora)."""
-        return isinstance(self.base_layer, _QuantizedBase)
+        return isinstance(self.base_layer, QuantizedBase)
 
     def _base_weight(self) -> Tensor:
         base = self.base_layer
-        return base.dequantized_weight() if isinstance(base, _QuantizedBase) else base.weight
+        return base.dequantized_weight() if isinstance(base, QuantizedBase) else base.weight
 
     def _reset(self, init: str) -> None:
         # A as nn.Linear/nn.Conv2d initialise their weights (PEFT does the same); B decides the start.
@@ -76,7 +77,7 @@ class LoRALayer(nn.Module):
         elif init == "gaussian":
             nn.init.normal_(self.lora_B, std=0.02)
         else:
-            raise StrategyError(f"option 'init' must be one of {list(_INITS)}, got {init!r}")
+            raise StrategyError(f"option 'init' must be one of {list(LORA_INITS)}, got {init!r}")
 
     def delta_weight(self) -> Tensor:
         """``scaling · B·A`` shaped like the base weight (only for merging; the forward never builds it)."""
@@ -289,12 +290,12 @@ class LoRAConv2d(LoRALayer):
         name: str = "",
     ) -> None:
         super().__init__(base_layer, rank, alpha, dropout, name)
-        if isinstance(base_layer, nn.Conv2d) and not _conv_is_supported(base_layer):
+        if isinstance(base_layer, nn.Conv2d) and not conv_is_supported(base_layer):
             raise StrategyError(
                 f"LoRA layer {self.layer_name!r}: {type(base_layer).__name__} has its own forward "
                 "(a merged delta would not be exact); exclude it"
             )
-        self.same_pad = _is_same_pad(base_layer)
+        self.same_pad = is_same_pad(base_layer)
         like = self._base_weight()
         out, in_g, kh, kw = like.shape
         self.lora_A = nn.Parameter(torch.empty(rank, in_g, kh, kw, dtype=like.dtype, device=like.device))
@@ -306,13 +307,14 @@ class LoRAConv2d(LoRALayer):
         if self.merged:
             return base(x)
         if base.groups == 1:
-            h = _conv(base, self.same_pad, self.lora_dropout(x), self.lora_A, None, 1) * self.scaling
+            h = conv_like(base, self.same_pad, self.lora_dropout(x), self.lora_A, None, 1) * self.scaling
             return base(x) + F.conv2d(h, self.lora_B)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            return base(x) + _conv(base, self.same_pad, self.lora_dropout(x), self.delta_weight(), None, base.groups)
+            delta = conv_like(base, self.same_pad, self.lora_dropout(x), self.delta_weight(), None, base.groups)
+            return base(x) + delta
         # Grouped weights are tiny: one conv with W + delta beats a rank-expanded grouped conv pair.
         weight = self._base_weight() + self.delta_weight()
-        return _conv(base, self.same_pad, x, weight, base.bias, base.groups)
+        return conv_like(base, self.same_pad, x, weight, base.bias, base.groups)
 
     def delta_weight(self) -> Tensor:
         shape = (self.lora_B.shape[0], *self.lora_A.shape[1:])

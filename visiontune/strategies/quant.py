@@ -2,7 +2,8 @@
 
 ``QuantizedLinear`` / ``QuantizedConv2d`` hold a frozen weight as int8 codes with one scale per output
 channel, or as packed 4-bit NF4 codes with one absmax per block of 64, and dequantise it on the fly
-(``qlora``), in forward and again in backward, so no float copy outlives its use. ``_conv`` reproduces a conv layer's padding rules (incl. timm's TF-'same') with another weight.
+(``qlora``), in forward and again in backward, so no float copy outlives its use. :func:`conv_like` reproduces a
+conv layer's padding rules (incl. timm's TF-'same') with another weight (LoRA's conv layers use it too).
 """
 
 from __future__ import annotations
@@ -16,19 +17,22 @@ from torch import Tensor, nn
 
 from .base import StrategyError
 
-__all__ = ["QuantizedConv2d", "QuantizedLinear"]
+__all__ = ["SUPPORTED_BITS", "QuantizedBase", "QuantizedConv2d", "QuantizedLinear", "conv_is_supported", "conv_like",
+           "is_same_pad"]
 
-_BITS = (4, 8)
+SUPPORTED_BITS = (4, 8)
+"""The bit widths a frozen weight can be quantized to (qlora's ``bits``): 4 (NF4) or 8 (int8)."""
 _NF4_BLOCK = 64
 
 
 # ------------------------------------------------------------------------------------ conv helpers
-def _conv_is_supported(conv: nn.Conv2d) -> bool:
+def conv_is_supported(conv: nn.Conv2d) -> bool:
     """Plain ``nn.Conv2d`` forward, or timm's dynamic-'same' ``Conv2dSame``: both are reproducible here."""
-    return type(conv).forward is nn.Conv2d.forward or _is_same_pad(conv)
+    return type(conv).forward is nn.Conv2d.forward or is_same_pad(conv)
 
 
-def _is_same_pad(conv: nn.Module) -> bool:
+def is_same_pad(conv: nn.Module) -> bool:
+    """Whether ``conv`` pads dynamically, TF-'same' style (timm's ``Conv2dSame``, or a quantized copy of one)."""
     if isinstance(conv, QuantizedConv2d):
         return conv.same_pad
     try:
@@ -38,7 +42,7 @@ def _is_same_pad(conv: nn.Module) -> bool:
     return isinstance(conv, Conv2dSame)
 
 
-def _conv(conv: nn.Module, same_pad: bool, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
+def conv_like(conv: nn.Module, same_pad: bool, x: Tensor, weight: Tensor, bias: Tensor | None, groups: int) -> Tensor:
     """Convolve like ``conv`` (stride, padding, dilation, padding mode, TF 'same') with another weight."""
     if same_pad:
         pads = []
@@ -63,8 +67,12 @@ def _nf4_codebook() -> Tensor:
     return (levels / levels.abs().max()).float()
 
 
-class _QuantizedBase(nn.Module):
-    """Holds a frozen weight as int8 codes + per-channel scales, or packed NF4 codes + block absmax."""
+class QuantizedBase(nn.Module):
+    """Holds a frozen weight as int8 codes + per-channel scales, or packed NF4 codes + block absmax.
+
+    The base of :class:`QuantizedLinear` and :class:`QuantizedConv2d` (what ``isinstance`` checks for a
+    quantized frozen layer); ``dequantized_weight()`` gives the float weight back.
+    """
 
     def forward(self, x: Tensor) -> Tensor:
         return _frozen_forward(self, x)
@@ -87,8 +95,8 @@ class _QuantizedBase(nn.Module):
         self.bias = bias  # kept in float, frozen
         if bias is not None:
             bias.requires_grad_(False)
-        if bits not in _BITS:
-            raise StrategyError(f"quantization to {bits} bits is not supported; use one of {list(_BITS)}")
+        if bits not in SUPPORTED_BITS:
+            raise StrategyError(f"quantization to {bits} bits is not supported; use one of {list(SUPPORTED_BITS)}")
         self.bits = bits
         self.weight_shape = tuple(weight.shape)
         self.weight_dtype = weight.dtype
@@ -132,7 +140,7 @@ class _FrozenQuantized(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, layer: "_QuantizedBase") -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, layer: "QuantizedBase") -> Tensor:  # type: ignore[override]
         ctx.layer, ctx.x_shape = layer, x.shape
         with torch.no_grad():
             return layer._frozen_op(x, layer.dequantized_weight())
@@ -144,13 +152,13 @@ class _FrozenQuantized(torch.autograd.Function):
         return ctx.layer._input_grad(grad, ctx.x_shape, ctx.layer.dequantized_weight()), None
 
 
-def _frozen_forward(layer: "_QuantizedBase", x: Tensor) -> Tensor:
+def _frozen_forward(layer: "QuantizedBase", x: Tensor) -> Tensor:
     if torch.is_grad_enabled() and x.requires_grad:
         return _FrozenQuantized.apply(x, layer)
     return layer._frozen_op(x, layer.dequantized_weight())
 
 
-class QuantizedLinear(_QuantizedBase):
+class QuantizedLinear(QuantizedBase):
     """A frozen ``nn.Linear`` whose weight is stored quantized and dequantised in ``forward``.
 
     Args:
@@ -184,7 +192,7 @@ class QuantizedLinear(_QuantizedBase):
         return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
 
 
-class QuantizedConv2d(_QuantizedBase):
+class QuantizedConv2d(QuantizedBase):
     """A frozen ``nn.Conv2d`` (or timm ``Conv2dSame``) whose weight is stored quantized.
 
     Args:
@@ -202,11 +210,11 @@ class QuantizedConv2d(_QuantizedBase):
         for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups",
                      "padding_mode", "_reversed_padding_repeated_twice"):
             setattr(self, attr, getattr(conv, attr))
-        self.same_pad = _is_same_pad(conv)
+        self.same_pad = is_same_pad(conv)
         self._store(conv.weight, conv.bias, bits)
 
     def _frozen_op(self, x: Tensor, weight: Tensor) -> Tensor:
-        return _conv(self, self.same_pad, x, weight, self.bias, self.groups)
+        return conv_like(self, self.same_pad, x, weight, self.bias, self.groups)
 
     def _input_grad(self, grad: Tensor, x_shape: torch.Size, weight: Tensor) -> Tensor:
         weight = weight.to(grad.dtype)
@@ -216,7 +224,7 @@ class QuantizedConv2d(_QuantizedBase):
         # 'same' / reflect padding: the vector-Jacobian product of a map linear in x (any x will do)
         with torch.enable_grad():
             probe = torch.zeros(x_shape, dtype=grad.dtype, device=grad.device, requires_grad=True)
-            (g,) = torch.autograd.grad(_conv(self, self.same_pad, probe, weight, None, self.groups), probe, grad)
+            (g,) = torch.autograd.grad(conv_like(self, self.same_pad, probe, weight, None, self.groups), probe, grad)
         return g
 
     def to_float(self) -> nn.Conv2d:
