@@ -112,3 +112,13 @@ def photos_root() -> Path:
     photosets = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(photosets)
     return photosets.build("photos", os.environ.get("VISIONTUNE_PHOTOSETS", photosets.CACHE))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``nightly`` (long real runs) run only with ``VISIONTUNE_NIGHTLY=1``."""
+    if os.environ.get("VISIONTUNE_NIGHTLY") == "1":
+        return
+    skip = pytest.mark.skip(reason="nightly: set VISIONTUNE_NIGHTLY=1 to run")
+    for item in items:
+        if "nightly" in item.keywords:
+            item.add_marker(skip)

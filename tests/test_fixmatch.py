@@ -273,6 +273,7 @@ def _val_logits(model: TransferClassifier, dm: ImageDataModule) -> tuple[torch.T
 
 
 @pytest.mark.slow
+@pytest.mark.nightly  # 4 minutes; misses its old-class bar in this environment (-0.023 vs -0.02): issue #14
 def test_fixmatch_adds_classes_better_than_labeled_only(old_checkpoint, digit_arrays):
     """Digits 0-7 model + digits 8 and 9 with 5 labels each + the rest of the training images unlabeled.
 
@@ -310,10 +311,7 @@ def test_fixmatch_adds_classes_better_than_labeled_only(old_checkpoint, digit_ar
         print(f"seed {seed} base {base:.3f}", {k: {m: round(v, 3) for m, v in r.items() if "acc" in m}
                                                for k, r in results.items()}, "labeled-only matched", matched,
               "reachable", reachable)
-        # old classes kept: measured -0.008 (seeds 0-2) when written; with this machine's fresh install the
-        # same code measured -0.023 on seed 0 (also at the commit before the recipe changes), so the bound
-        # is 0.03, still far from labeled-only's -0.85
-        assert fm["val_acc_old"] >= base - 0.03
+        assert fm["val_acc_old"] >= base - 0.02  # old classes kept
         assert fm["val_acc_new"] >= matched["acc_new"] + 0.10  # new classes: FixMatch well ahead at equal old acc
         assert fm["val_acc"] > sup["val_acc"] + 0.3  # labeled-only trades the old classes for the new ones
 
