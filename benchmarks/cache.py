@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from visiontune import ImageDataModule, TransferClassifier
-    from visiontune.cache import clear_memory_cache
+    from visiontune.training.cache import clear_memory_cache
     from visiontune.data import read_source
 
     torch.set_num_threads(args.threads)

@@ -55,7 +55,7 @@ def accuracy_run(labels_per_class: int, seed: int, fixmatch: bool, steps: int, s
     import lightning as L
 
     from visiontune import ImageDataModule, TransferClassifier
-    from visiontune.semisup import FixMatchConfig
+    from visiontune.objectives.semisup import FixMatchConfig
 
     L.seed_everything(seed, verbose=False)
     model = TransferClassifier("tf_efficientnet_lite0", weights="package", strategy="full", bn="eval", lr=5e-4,
@@ -88,9 +88,9 @@ def _expansion_runs(seeds: list[int], steps: int) -> None:
     import lightning as L
 
     from visiontune import ImageDataModule, TransferClassifier, new_accuracy_at, split_accuracy
-    from visiontune.classes import ClassExpansionConfig
+    from visiontune.objectives.classes import ClassExpansionConfig
     from visiontune.data.sources import digits, stratified_split
-    from visiontune.semisup import FixMatchConfig
+    from visiontune.objectives.semisup import FixMatchConfig
 
     s = digits()
     x, y = np.stack(s.items), s.labels
@@ -193,8 +193,8 @@ class _SavedBytes:
 
 
 def step_cost(batch: int, mu: int, size: int, reps: int, device: str) -> None:
-    from visiontune.backbones import create_backbone
-    from visiontune.semisup import FixMatchConfig, fixmatch_loss, forward_train, predict_weak
+    from visiontune.models.backbones import create_backbone
+    from visiontune.objectives.semisup import FixMatchConfig, fixmatch_loss, forward_train, predict_weak
 
     torch.manual_seed(0)
     net = create_backbone("tf_efficientnet_lite0", "package", num_classes=10).to(device).train()

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.utils.data import DataLoader, Dataset
 
     from visiontune import TransferClassifier
-    from visiontune.optim import param_groups
+    from visiontune.training.optim import param_groups
 
     torch.set_num_threads(args.threads)
     repeats = args.repeats or (4 if args.quick else 6)

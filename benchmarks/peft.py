@@ -86,7 +86,7 @@ def _reset_peak() -> bool:
 def _build(backbone: str, size: int):
     import timm
 
-    from visiontune.backbones import create_backbone
+    from visiontune.models.backbones import create_backbone
 
     if backbone.startswith("tf_efficientnet_lite"):
         return create_backbone(backbone, "package", num_classes=10)
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     # before the fork server starts: its children inherit glibc's malloc settings (see the module doc)
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "timm", "visiontune.strategies", "visiontune.backbones"])
+    ctx.set_forkserver_preload(["torch", "timm", "visiontune.strategies", "visiontune.models.backbones"])
     t_start = time.perf_counter()
     results: dict = {"settings": {"quick": q, "steps": steps, "warmup": args.warmup, "threads": args.threads,
                                   "mem_steps": args.mem_steps,

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint  # noqa: E402
 from lightning.pytorch.loggers import CSVLogger  # noqa: E402
 
 from visiontune import ImageDataModule, TransferClassifier  # noqa: E402
-from visiontune.checkpoint import AtomicCheckpointIO  # noqa: E402
+from visiontune.training.checkpoint import AtomicCheckpointIO  # noqa: E402
 
 STRATEGY_ARGS: dict[str, dict[str, Any]] = {
     "full": {},

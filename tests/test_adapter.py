@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from conftest import tiny_base, tiny_model
-from visiontune.groups import depth_groups
+from visiontune.models.groups import depth_groups
 from visiontune.strategies import (
     StrategyError,
     apply_strategy,

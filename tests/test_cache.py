@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from visiontune import ImageDataModule, TransferClassifier
-from visiontune.cache import (
+from visiontune.training.cache import (
     FeatureCache,
     cache_key,
     clear_memory_cache,

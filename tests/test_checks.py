@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from conftest import make_folder
-from visiontune.checks import check_data
+from visiontune.data.checks import check_data
 from visiontune.cli import main
 
 

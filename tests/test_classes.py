@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visiontune.classes import (
+from visiontune.objectives.classes import (
     ClassExpansionConfig,
     distillation_loss,
     expand_classes,

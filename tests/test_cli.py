@@ -156,14 +156,14 @@ def test_bad_config_values_are_config_errors_exit_2(tmp_path, capsys, monkeypatc
 @pytest.mark.parametrize("where", ["instantiation", "setup"])
 def test_a_bug_is_not_reported_as_a_user_error(tmp_path, capsys, monkeypatch, where):
     """Only the UserError family becomes exit 2: a plain ValueError/TypeError from a bug keeps its traceback."""
-    import visiontune.module
+    import visiontune.training.module
     from visiontune.data import ImageDataModule
 
     def bug(*args, **kwargs):
         raise (ValueError if where == "instantiation" else TypeError)(f"a bug in {where}")
 
     if where == "instantiation":
-        monkeypatch.setattr(visiontune.module, "make_strategy_config", bug)
+        monkeypatch.setattr(visiontune.training.module, "make_strategy_config", bug)
     else:
         monkeypatch.setattr(ImageDataModule, "setup", bug)
     monkeypatch.chdir(tmp_path)

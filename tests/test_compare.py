@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-import visiontune.compare as cmp
+import visiontune.comparison.api as cmp
 from visiontune import TransferClassifier
-from visiontune.compare import CSV_COLUMNS, compare, compare_main, load_compare_config, parse_strategies
+from visiontune.comparison.api import CSV_COLUMNS, compare, compare_main, load_compare_config, parse_strategies
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

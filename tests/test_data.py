@@ -23,7 +23,7 @@ def test_folder_source_classes_and_hidden_dirs(image_folder):
 
 def test_underscore_folders_are_classes_only_dot_names_hidden(tmp_path):
     """Issue #11, 5: `_background/` is a class like any other; `.hidden/` (and `__MACOSX/`) are not."""
-    from visiontune.checks import _folder_fallback
+    from visiontune.data.checks import _folder_fallback
     from visiontune.data.datamodule import _folder_classes
 
     root = make_folder(tmp_path / "d", per_class=2, classes={"_background": (0, 0, 0), "bird": (200, 0, 0),

@@ -297,7 +297,7 @@ def test_task_bank_sparse_masks_and_base_checks(tmp_path):
 # ------------------------------------------------------------------- TransferClassifier, writer, CLI
 def test_transfer_classifier_round_trip_and_sizes(tmp_path):
     from visiontune.delta import add_task, use_task
-    from visiontune.module import TransferClassifier
+    from visiontune.training.module import TransferClassifier
 
     def module(classes: list[str], seed: int) -> TransferClassifier:
         m = TransferClassifier("tf_efficientnet_lite0", weights="package", class_names=classes, strategy="lora",

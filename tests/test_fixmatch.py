@@ -14,10 +14,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from visiontune import ImageDataModule, TransferClassifier  # noqa: E402
-from visiontune.classes import ClassExpansionConfig, new_accuracy_at, split_accuracy  # noqa: E402
+from visiontune.objectives.classes import ClassExpansionConfig, new_accuracy_at, split_accuracy  # noqa: E402
 from visiontune.data.sources import DataError, digits, stratified_split  # noqa: E402
-from visiontune.fixmatch import FixMatchState, anchor_old_classes, as_fixmatch_config, confident_old  # noqa: E402
-from visiontune.semisup import FixMatchConfig  # noqa: E402
+from visiontune.objectives.fixmatch import FixMatchState, anchor_old_classes, as_fixmatch_config, confident_old  # noqa: E402
+from visiontune.objectives.semisup import FixMatchConfig  # noqa: E402
 
 FULL_STATE = dict(threshold=0.6, mu=2, ema=0.9, distribution_alignment=True, class_thresholds="flexmatch")
 

@@ -24,7 +24,7 @@ from PIL import Image
 import reliability_helpers as h
 from conftest import make_folder
 from visiontune import BadImageError, DataError, ImageDataModule, TransferClassifier
-from visiontune.checkpoint import AtomicCheckpointIO, CheckpointMismatchError
+from visiontune.training.checkpoint import AtomicCheckpointIO, CheckpointMismatchError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -373,7 +373,7 @@ def _evil_copy(ckpt: Path, tmp: Path, marker: Path) -> Path:
 
 
 def _loaders(evil: Path):
-    from visiontune.backbones import create_backbone, load_state_dict_file
+    from visiontune.models.backbones import create_backbone, load_state_dict_file
     from visiontune.io import safe_torch_load
 
     return {
@@ -392,7 +392,7 @@ def test_planted_pickle_is_refused_and_never_runs(trained, tmp_path, how):
     marker = tmp_path / "pwned"
     evil = _evil_copy(ckpt, tmp_path, marker)
     evil.with_suffix(".pth").write_bytes(evil.read_bytes())
-    from visiontune.backbones import BackboneError
+    from visiontune.models.backbones import BackboneError
     from visiontune.errors import CheckpointError
 
     kind = BackboneError if how.startswith(("backbones.", "create_backbone")) else CheckpointError
@@ -488,7 +488,7 @@ def test_atomic_checkpoint_io_failed_save_keeps_previous_file(tmp_path, monkeypa
 
 def test_sigkill_while_saving_checkpoints_never_leaves_a_broken_file(tmp_path):
     path = tmp_path / "last.ckpt"
-    code = ("import torch, itertools\nfrom visiontune.checkpoint import AtomicCheckpointIO\nio = AtomicCheckpointIO()\n"
+    code = ("import torch, itertools\nfrom visiontune.training.checkpoint import AtomicCheckpointIO\nio = AtomicCheckpointIO()\n"
             f"for i in itertools.count():\n    io.save_checkpoint({{'i': i, 'w': torch.full((3_000_000,), float(i))}}, "
             f"{str(path)!r})\n    print(i, flush=True)\n")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)

@@ -20,7 +20,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.utils.data import DataLoader, TensorDataset
 
 from visiontune import TransferClassifier, param_groups
-from visiontune.groups import depth_groups
+from visiontune.models.groups import depth_groups
 from visiontune.schedule import (
     GradualUnfreeze,
     ScheduleError,
@@ -30,8 +30,8 @@ from visiontune.schedule import (
     parse_phases,
     resolve_schedule,
 )
+from visiontune.schedule.tuning import lr_find, lr_find_main, schedule_main
 from visiontune.strategies import apply_strategy, delta_parameter_names
-from visiontune.tuning import lr_find, lr_find_main, schedule_main
 
 ROOT = Path(__file__).resolve().parents[1]
 VIT = {"img_size": 32}

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from visiontune.semisup import (
+from visiontune.objectives.semisup import (
     DistributionAlignment,
     EMATeacher,
     FixMatchConfig,

@@ -20,8 +20,8 @@ __version__ = "0.1.0"
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # backbones
-    "create_backbone": "backbones", "data_config": "backbones", "BackboneError": "backbones",
-    "load_state_dict_file": "backbones",
+    "create_backbone": "models.backbones", "data_config": "models.backbones",
+    "BackboneError": "models.backbones", "load_state_dict_file": "models.backbones",
     # strategies
     "available_strategies": "strategies", "apply_strategy": "strategies", "register_strategy": "strategies",
     "make_strategy_config": "strategies", "StrategyConfig": "strategies", "StrategyError": "strategies",
@@ -29,35 +29,36 @@ _EXPORTS: dict[str, str] = {
     "FullConfig": "strategies.freeze", "LinearConfig": "strategies.freeze", "LastKConfig": "strategies.freeze",
     "BitFitConfig": "strategies.freeze", "NormConfig": "strategies.freeze",
     # groups / optim
-    "depth_groups": "groups", "param_groups": "optim", "layer_scales": "optim",
+    "depth_groups": "models.groups", "param_groups": "training.optim", "layer_scales": "training.optim",
     # data
     "ImageDataModule": "data", "ImageDataset": "data", "DataError": "data", "read_source": "data",
     "register_dataset": "data", "load_image": "data.images", "BadImageError": "data.images",
     "check_images": "data.images",
     # model, reports, cli
-    "TransferClassifier": "module", "RunReport": "report", "PredictionCSVWriter": "report",
-    "main": "cli",
+    "TransferClassifier": "training.module", "RunReport": "training.report",
+    "PredictionCSVWriter": "training.report", "main": "cli",
     # strategies with their own modules
     "LoRAConfig": "strategies.lora", "QLoRAConfig": "strategies.lora", "merge": "strategies.lora",
     "unmerge": "strategies.lora", "merge_and_unload": "strategies.lora",
     "AdapterConfig": "strategies.adapter", "VPTConfig": "strategies.prompt",
     "SparseConfig": "strategies.sparse",
     # semi-supervision and new classes
-    "FixMatchConfig": "semisup", "expand_classes": "classes", "ClassExpansionConfig": "classes",
-    "split_accuracy": "classes", "new_accuracy_at": "classes",
-    "FixMatchState": "fixmatch", "ClassExpansion": "expansion",
+    "FixMatchConfig": "objectives.semisup", "expand_classes": "objectives.classes",
+    "ClassExpansionConfig": "objectives.classes", "split_accuracy": "objectives.classes",
+    "new_accuracy_at": "objectives.classes",
+    "FixMatchState": "objectives.fixmatch", "ClassExpansion": "objectives.expansion",
     # deltas and tasks
-    "save_delta": "delta", "load_delta": "delta", "build_from_delta": "delta_build",
-    "delta_from_file": "delta", "DeltaError": "delta", "DeltaWriter": "delta_writer",
-    "TaskBank": "tasks",
+    "save_delta": "delta.format", "load_delta": "delta.format", "build_from_delta": "delta.build",
+    "delta_from_file": "delta.format", "DeltaError": "delta.format", "DeltaWriter": "delta.writer",
+    "TaskBank": "delta.bank",
     # schedules, comparison, caching, checkpoints, checks
-    "GradualUnfreeze": "schedule", "compare": "compare", "compare_from_config": "compare",
-    "FeatureCache": "cache",
-    "AtomicCheckpointIO": "checkpoint", "LatestCheckpoint": "checkpoint",
-    "CheckpointMismatchError": "checkpoint", "check_data": "checks",
+    "GradualUnfreeze": "schedule", "compare": "comparison.api", "compare_from_config": "comparison.api",
+    "FeatureCache": "training.cache",
+    "AtomicCheckpointIO": "training.checkpoint", "LatestCheckpoint": "training.checkpoint",
+    "CheckpointMismatchError": "training.checkpoint", "check_data": "data.checks",
     # errors: the user-error family the command reports as one line, exit code 2
     "UserError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
-    "apply_bn_policy": "bn", "frozen_feature_baseline": "baseline", "BaselineResult": "baseline",
+    "apply_bn_policy": "training.bn", "frozen_feature_baseline": "baseline", "BaselineResult": "baseline",
 }
 
 
@@ -78,7 +79,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .backbones import BackboneError, create_backbone, data_config  # noqa: F401
+    from .models.backbones import BackboneError, create_backbone, data_config  # noqa: F401
     from .data import DataError, ImageDataModule  # noqa: F401
-    from .module import TransferClassifier  # noqa: F401
+    from .training.module import TransferClassifier  # noqa: F401
     from .strategies import apply_strategy, available_strategies  # noqa: F401

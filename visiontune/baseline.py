@@ -78,8 +78,8 @@ def frozen_feature_baseline(
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import f1_score
 
-    from .backbones import create_backbone, data_config
-    from .cache import extract_features
+    from .models.backbones import create_backbone, data_config
+    from .training.cache import extract_features
     from .data.datamodule import ImageDataset
     from .data.transforms import eval_transform
 

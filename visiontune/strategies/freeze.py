@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..groups import depth_groups
+from ..models.groups import depth_groups
 from .base import StrategyConfig, StrategyError, register_strategy
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)

@@ -1,0 +1,83 @@
+"""Depth groups of any timm model, from its ``group_matcher()``: stem, blocks/stages, ..., head.
+
+Used by ``last_k``, layer-wise learning-rate decay and gradual-unfreezing schedules, so every timm model
+gets them without per-model code.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from timm.models import group_parameters
+from torch import nn
+
+from ..errors import ConfigError
+
+__all__ = ["GroupError", "depth_groups"]
+
+
+class GroupError(ConfigError):
+    """A group override matches nothing or the model exposes no group_matcher."""
+
+
+def depth_groups(
+    model: nn.Module,
+    *,
+    coarse: bool = False,
+    patterns: Sequence[str] | None = None,
+) -> list[list[str]]:
+    """Parameter names per depth group, ordered from the input (stem) to the output (head).
+
+    The last group is always exactly the classification head.
+
+    Args:
+        model: a timm model (possibly already carrying LoRA/adapters: their parameters join the group of
+            the layer they sit in).
+        coarse: timm's coarse grouping (stages instead of blocks).
+        patterns: optional regexes overriding timm's groups, one per group from input to output; a
+            parameter goes to the first pattern that matches (``re.search``); parameters matching none
+            join the group before them. Each pattern must match at least one parameter.
+
+    Example:
+        >>> import timm
+        >>> groups = depth_groups(timm.create_model("resnet18", num_classes=3), coarse=True)
+        >>> len(groups), groups[-1]
+        (6, ['fc.weight', 'fc.bias'])
+    """
+    from ..strategies.base import head_parameter_names
+
+    names = [n for n, _ in model.named_parameters()]
+    head = head_parameter_names(model)
+    head_set = set(head)
+    body = [n for n in names if n not in head_set]
+    if patterns:
+        compiled = []
+        for i, pat in enumerate(patterns):
+            try:
+                compiled.append(re.compile(pat))
+            except re.error as exc:
+                raise GroupError(f"group pattern #{i} {pat!r} is not a valid regex: {exc}") from exc
+        groups: list[list[str]] = [[] for _ in compiled]
+        current = 0
+        for n in body:
+            hit = next((i for i, c in enumerate(compiled) if c.search(n)), None)
+            if hit is not None:
+                current = hit
+            groups[current].append(n)
+        empty = [patterns[i] for i, g in enumerate(groups) if not any(compiled[i].search(n) for n in g)]
+        if empty:
+            raise GroupError(f"group pattern(s) {empty} match no parameter of {type(model).__name__}")
+        return [g for g in groups if g] + [head]
+    matcher = getattr(model, "group_matcher", None)
+    if matcher is None:
+        raise GroupError(
+            f"{type(model).__name__} has no group_matcher(); pass group patterns explicitly"
+        )
+    grouped = group_parameters(model, matcher(coarse=coarse))
+    groups = []
+    for _, members in sorted(grouped.items()):
+        members = [n for n in members if n not in head_set]
+        if members:
+            groups.append(members)
+    return groups + [head]

