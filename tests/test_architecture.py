@@ -268,6 +268,35 @@ def test_old_import_paths_keep_working(module, name):
     assert hasattr(importlib.import_module(module), name)
 
 
+@pytest.mark.parametrize("old, new", [
+    ("visiontune.semisup", "visiontune.objectives.semisup"), ("visiontune.fixmatch", "visiontune.objectives.fixmatch"),
+    ("visiontune.compare", "visiontune.comparison.api"), ("visiontune.tuning", "visiontune.schedule.tuning"),
+    ("visiontune.checkpoint", "visiontune.training.checkpoint"), ("visiontune.checks", "visiontune.data.checks"),
+])
+def test_deprecated_module_paths_warn_and_give_the_moved_names(old, new):
+    import subprocess
+    import sys
+
+    code = ("import importlib, warnings\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            f"    old = importlib.import_module({old!r})\n"
+            f"new = importlib.import_module({new!r})\n"
+            "assert all(getattr(old, n) is getattr(new, n) for n in new.__all__)\n"
+            "print([(x.category.__name__, str(x.message)) for x in w])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert out.stdout.strip() == str([("DeprecationWarning", f"{old} is deprecated: import {new} instead")])
+
+
+def test_a_deprecated_visiontune_compare_import_keeps_vt_compare_callable():
+    import visiontune as vt
+
+    with pytest.warns(DeprecationWarning):
+        importlib.reload(importlib.import_module("visiontune.compare"))
+    assert callable(vt.compare) and vt.compare.StrategySpec is importlib.import_module(
+        "visiontune.comparison.api").StrategySpec
+
+
 def test_every_cli_tool_resolves_without_lightning():
     import subprocess
     import sys
