@@ -12,15 +12,8 @@ import pytest
 from PIL import Image, ImageFile
 
 from visiontune.data import images as images_mod
-from visiontune.data.images import (
-    IMAGE_EXTENSIONS,
-    BadImageError,
-    ImageReport,
-    check_images,
-    find_images,
-    is_image_file,
-    load_image,
-)
+from visiontune.data.images import IMAGE_EXTENSIONS, BadImageError, is_image_file, load_image
+from visiontune.data.scan import ImageReport, check_images, find_images
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 

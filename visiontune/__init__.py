@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     # data
     "ImageDataModule": "data", "ImageDataset": "data", "DataError": "data", "read_source": "data",
     "register_dataset": "data", "load_image": "data.images", "BadImageError": "data.images",
-    "check_images": "data.images",
+    "check_images": "data.scan",
     # model, reports, cli
     "TransferClassifier": "training.module", "RunReport": "training.report",
     "PredictionCSVWriter": "training.report", "main": "cli",
@@ -43,12 +43,12 @@ _EXPORTS: dict[str, str] = {
     "AdapterConfig": "strategies.adapter", "VPTConfig": "strategies.prompt",
     "SparseConfig": "strategies.sparse",
     # semi-supervision and new classes
-    "FixMatchConfig": "objectives.semisup", "expand_classes": "objectives.classes",
+    "FixMatchConfig": "objectives.semisup", "expand_classes": "models.heads",
     "ClassExpansionConfig": "objectives.classes", "split_accuracy": "objectives.classes",
     "new_accuracy_at": "objectives.classes",
     "FixMatchState": "objectives.fixmatch", "ClassExpansion": "objectives.expansion",
     # deltas and tasks
-    "save_delta": "delta.format", "load_delta": "delta.format", "build_from_delta": "delta.build",
+    "save_delta": "delta.format", "load_delta": "delta.load", "build_from_delta": "delta.build",
     "delta_from_file": "delta.format", "DeltaError": "delta.format", "DeltaWriter": "delta.writer",
     "TaskBank": "delta.bank",
     # schedules, comparison, caching, checkpoints, checks

@@ -80,7 +80,7 @@ def frozen_feature_baseline(
 
     from .models.backbones import create_backbone, data_config
     from .training.cache import extract_features
-    from .data.datamodule import ImageDataset
+    from .data.dataset import ImageDataset
     from .data.transforms import eval_transform
 
     if split not in ("val", "test"):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
-from typing import Optional, Union
+from typing import Union
 
 __all__ = ["main", "VisionTuneCLI", "TOOLS", "cli_class", "load_tool", "register_tool"]
 
@@ -62,125 +62,9 @@ def strategies_main(argv: Sequence[str]) -> int:
 
 
 def cli_class():
-    """Build the :class:`VisionTuneCLI` class (imports Lightning; ``visiontune.cli.VisionTuneCLI`` calls this)."""
-    import contextlib
-
-    from lightning.pytorch.callbacks import RichProgressBar
-    from lightning.pytorch.cli import LightningCLI
-
-    from ..data import ImageDataModule
-    from ..delta.build import apply_delta_to_module, module_arguments_from_delta
-    from ..delta.writer import DeltaWriter
-    from ..errors import ConfigError
-    from ..training.module import TransferClassifier, weights_from_checkpoint
-    from ..training.report import PredictionCSVWriter, RunReport
-
-    class VisionTuneCLI(LightningCLI):
-        """LightningCLI with visiontune's defaults: run directory, checkpoints, report, predictions CSV."""
-
-        def __init__(self, args: Sequence[str] | None = None, run: bool = True) -> None:
-            # --ckpt_path: the classes are instantiated inside weights_from_checkpoint() (before_instantiate_classes
-            # enters it, instantiate_trainer leaves it, and so does any error before)
-            self._restoring = contextlib.ExitStack()
-            with self._restoring:
-                super().__init__(
-                    TransferClassifier,
-                    ImageDataModule,
-                    seed_everything_default=0,
-                    save_config_kwargs={"overwrite": True},
-                    trainer_defaults={
-                        "logger": {
-                            "class_path": "lightning.pytorch.loggers.CSVLogger",
-                            "init_args": {"save_dir": "runs", "name": "visiontune"},
-                        },
-                        "enable_model_summary": False,
-                        "max_epochs": 15,  # the recipe's budget for a folder of photos (README: Recipe)
-                    },
-                    args=list(args) if args is not None else None,
-                    run=run,
-                )
-
-        def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
-            from ..training.checkpoint import LatestCheckpoint  # ModelCheckpoint, but last.ckpt = the latest epoch
-
-            parser.add_lightning_class_args(LatestCheckpoint, "checkpoint")
-            parser.set_defaults({"checkpoint.monitor": "val_acc", "checkpoint.mode": "max",
-                                 "checkpoint.save_last": True, "checkpoint.filename": "best"})
-            parser.add_lightning_class_args(RunReport, "report")
-            parser.add_lightning_class_args(PredictionCSVWriter, "predictions")
-            parser.add_lightning_class_args(DeltaWriter, "save_delta")  # delta.safetensors after fit
-            parser.add_argument(
-                "--delta", type=Optional[str], default=None,
-                help="a task delta (.safetensors, from fit or save_delta) loaded onto the base model; the "
-                     "model's backbone, strategy, classes and bn policy are taken from it",
-            )
-
-        def _instantiate_trainer(self, config, callbacks):  # type: ignore[override]
-            # a rich progress bar unless the user turned bars off or brought their own
-            if config.get("enable_progress_bar", True) is not False and not any(
-                type(c).__name__.endswith("ProgressBar") for c in callbacks + list(config.get("callbacks") or [])
-            ):
-                callbacks = [*callbacks, RichProgressBar()]
-            return super()._instantiate_trainer(config, callbacks)
-
-        # bad option values (unknown strategy, rank <= 0, image_size 0, ...) raise ConfigError while the classes
-        # are instantiated: main() reports them (exit 2, no traceback); any other exception is a bug
-
-        def _parse_ckpt_path(self) -> None:  # type: ignore[override]
-            # Lightning reads --ckpt_path's hyperparameters here with torch.load: a truncated or foreign file
-            # is a CheckpointError naming it, not a traceback from inside torch
-            try:
-                super()._parse_ckpt_path()
-            except Exception as exc:
-                from ..io import checkpoint_load_error
-
-                sub = self.config.get("subcommand")
-                path = self.config[sub].get("ckpt_path") if sub else None
-                err = checkpoint_load_error(path, exc, from_torch_load=False) if path else None
-                if err is None:
-                    raise
-                raise err from None
-
-        def instantiate_trainer(self, **kwargs):  # type: ignore[override]
-            from lightning.pytorch.plugins.io import TorchCheckpointIO
-
-            from ..training.checkpoint import AtomicCheckpointIO
-
-            self._restoring.close()  # the model exists: TransferClassifiers made from now on read their weights
-            trainer = super().instantiate_trainer(**kwargs)
-            # checkpoints: atomic writes, weights_only loads (unless the user brought their own CheckpointIO)
-            if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
-                trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-            return trainer
-
-        def before_instantiate_classes(self) -> None:
-            sub = self.config.get("subcommand")
-            if sub and self.config[sub].get("delta"):
-                self._model_from_delta(self.config[sub])
-            if sub and self.config[sub].get("ckpt_path"):
-                # every weight comes from the checkpoint: never download or re-read the pretrained ones, but keep
-                # model.weights (config.yaml, checkpoints and deltas record the base the model was trained on)
-                self._restoring.enter_context(weights_from_checkpoint())
-
-        def _model_from_delta(self, cfg) -> None:
-            if cfg.get("ckpt_path"):
-                raise ConfigError("--delta and --ckpt_path exclude each other: a checkpoint already holds the task")
-            args = module_arguments_from_delta(cfg.delta)
-            model = cfg.model
-            backbone_args = dict(args["backbone_args"])
-            model.drop_path_rate = backbone_args.pop("drop_path_rate", None)
-            for key in ("backbone", "class_names", "num_classes", "strategy", "strategy_args", "bn"):
-                setattr(model, key, args[key])
-            model.backbone_args = backbone_args or None
-            if model.weights == "hub":  # the default: use the base the delta was trained on
-                model.weights = args["weights"]
-
-        def _load_delta(self) -> None:
-            path = self.config[self.config.subcommand].get("delta")
-            if path:
-                apply_delta_to_module(self.model, path)
-
-        before_fit = before_validate = before_test = before_predict = _load_delta
+    """The :class:`~visiontune.cli.lightning_cli.VisionTuneCLI` class (imports Lightning on first use;
+    ``visiontune.cli.VisionTuneCLI`` calls this)."""
+    from .lightning_cli import VisionTuneCLI
 
     return VisionTuneCLI
 

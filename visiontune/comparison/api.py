@@ -201,10 +201,21 @@ def compare(
         >>> result.best["strategy"], result.best["delta"]  # doctest: +SKIP
         ('lora(rank=4)', 'runs/compare_digits/runs/lora-rank4/seed0/delta.safetensors')
     """
-    import logging
+    specs, seeds, settings = _checked_settings(
+        data, strategies, backbone=backbone, weights=weights, seeds=seeds, max_epochs=max_epochs, max_time=max_time,
+        model=model, trainer=trainer, latency_repeats=latency_repeats)
+    out = Path(output)
+    (out / "results").mkdir(parents=True, exist_ok=True)
+    results, failures, ran, reused = _run_all(specs, seeds, settings, out, resume=resume, verbose=verbose)
+    return _write_leaderboard(specs, seeds, settings, out, results, failures, ran, reused, verbose=verbose)
 
-    from ..io import atomic_write, atomic_write_json
 
+def _checked_settings(
+    data: Mapping[str, Any], strategies: Any, *, backbone: str, weights: Optional[str], seeds: Any,
+    max_epochs: Optional[int], max_time: Optional[float], model: Optional[Mapping[str, Any]],
+    trainer: Optional[Mapping[str, Any]], latency_repeats: int,
+) -> tuple[list[StrategySpec], list[int], dict[str, Any]]:
+    """:func:`compare`'s arguments checked: the strategies, the seeds and the settings every run shares."""
     specs = parse_strategies(strategies)
     seeds = [int(seeds)] if isinstance(seeds, int) else [int(s) for s in seeds]
     if not seeds:
@@ -226,8 +237,26 @@ def compare(
     settings = {"backbone": backbone, "weights": weights, "data": dict(data), "model": model,
                 "trainer": dict(trainer or {}), "max_epochs": max_epochs, "max_time": max_time,
                 "seeds": seeds, "latency_repeats": int(latency_repeats)}
-    out = Path(output)
-    (out / "results").mkdir(parents=True, exist_ok=True)
+    return specs, seeds, settings
+
+
+def _previous_result(path: Path, fp: str) -> Optional[dict[str, Any]]:
+    """The result saved at ``path`` when it is one of the same settings (fingerprint ``fp``), else ``None``."""
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        old = {}
+    return old if old.get("fingerprint") == fp else None
+
+
+def _run_all(specs: Sequence[StrategySpec], seeds: Sequence[int], settings: Mapping[str, Any], out: Path, *,
+             resume: bool, verbose: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int, int]:
+    """Every (seed, strategy) run not done earlier with the same settings: ``(results, failures, ran, reused)``."""
+    import logging
+
+    from ..io import atomic_write_json
 
     results: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
@@ -248,18 +277,14 @@ def compare(
                 fp = fingerprint({**key, "strategy": spec.name, "args": dict(spec.args),
                                   "overrides": dict(spec.model), "seed": seed, "format": RESULT_FORMAT})
                 path = out / "results" / f"{spec.slug}__seed{seed}.json"
-                if resume and path.is_file():
-                    try:
-                        old = json.loads(path.read_text())
-                    except (OSError, json.JSONDecodeError):
-                        old = {}
-                    if old.get("fingerprint") == fp:
-                        results.append(old)
-                        reused += 1
-                        if verbose:
-                            print(f"[{k}/{total}] {spec.label} seed {seed}: done earlier "
-                                  f"(accuracy {old['accuracy']:.4f})")
-                        continue
+                old = _previous_result(path, fp) if resume else None
+                if old is not None:
+                    results.append(old)
+                    reused += 1
+                    if verbose:
+                        print(f"[{k}/{total}] {spec.label} seed {seed}: done earlier "
+                              f"(accuracy {old['accuracy']:.4f})")
+                    continue
                 if verbose:
                     print(f"[{k}/{total}] {spec.label} seed {seed}: training ...", flush=True)
                 try:
@@ -279,9 +304,17 @@ def compare(
     finally:
         for q, level in zip(quiet, old_levels):
             q.setLevel(level)
+    return results, failures, ran, reused
+
+
+def _write_leaderboard(specs: Sequence[StrategySpec], seeds: Sequence[int], settings: Mapping[str, Any], out: Path,
+                       results: list[dict[str, Any]], failures: list[dict[str, Any]], ran: int, reused: int, *,
+                       verbose: bool) -> Comparison:
+    """``leaderboard.md`` / ``.csv`` / ``.png`` and ``winner.json`` / ``.yaml`` under ``out``; the Comparison."""
+    from ..io import atomic_write, atomic_write_json
 
     rows = leaderboard(results)
-    title = f"{backbone}: {len(specs)} strategies × {len(seeds)} seed(s)"
+    title = f"{settings['backbone']}: {len(specs)} strategies × {len(seeds)} seed(s)"
     md = atomic_write(out / "leaderboard.md", leaderboard_markdown(rows, settings, failures))
     csv_path = atomic_write(out / "leaderboard.csv", leaderboard_csv(rows))
     plot = plot_leaderboard(rows, out / "leaderboard.png", title) if rows else None

@@ -1,7 +1,8 @@
 """Data: sources (folder / CSV / arrays / built-in), splits, albumentations pipelines, the datamodule.
 
-``ImageDataModule`` / ``ImageDataset`` (:mod:`~visiontune.data.datamodule`, which imports Lightning) load on
-first use, so ``visiontune check-data`` (:mod:`~visiontune.data.checks`) runs without importing Lightning.
+``ImageDataModule`` (:mod:`~visiontune.data.datamodule`, which imports Lightning) and ``ImageDataset``
+(:mod:`~visiontune.data.dataset`) load on first use, so ``visiontune check-data`` (:mod:`~visiontune.data.checks`)
+runs without importing Lightning.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ __all__ = ["BUILTIN_DATASETS", "DataError", "ImageDataModule", "ImageDataset", "
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("ImageDataModule", "ImageDataset"):
-        from . import datamodule
-
-        value = getattr(datamodule, name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    if name == "ImageDataModule":
+        from .datamodule import ImageDataModule as value
+    elif name == "ImageDataset":
+        from .dataset import ImageDataset as value
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .datamodule import ImageDataModule, ImageDataset  # noqa: F401
+    from .datamodule import ImageDataModule  # noqa: F401
+    from .dataset import ImageDataset  # noqa: F401

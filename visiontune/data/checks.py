@@ -139,7 +139,7 @@ def _folder_fallback(src: Any):
     """The images of a ``root/<class>/`` tree that failed a structure check (e.g. one empty class folder)."""
     import numpy as np
 
-    from .images import find_images
+    from .scan import find_images
     from .sources import Samples, class_folders
 
     root = Path(str(src))

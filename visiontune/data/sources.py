@@ -16,7 +16,8 @@ from typing import Any, Union
 import numpy as np
 
 from ..errors import ConfigError, UserError
-from .images import IMAGE_EXTENSIONS, find_images, is_hidden
+from .images import IMAGE_EXTENSIONS, is_hidden
+from .scan import find_images
 
 __all__ = [
     "BUILTIN_DATASETS",

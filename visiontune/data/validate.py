@@ -32,7 +32,7 @@ def find_bad_images(
         ``(bad_indices, records, checked)``: item indices that failed, one ``{"split", "path", "reason"}``
         per failure in item order, and how many files were checked.
     """
-    from .images import check_images
+    from .scan import check_images
 
     files = [(i, it) for i, it in enumerate(samples.items) if isinstance(it, (str, Path))]
     if not files:

@@ -1,6 +1,7 @@
 """Task deltas: save only what a strategy changed, rebuild the model from it, keep several tasks on one base.
 
-* :mod:`visiontune.delta.format`: the ``.safetensors`` file (``save_delta``, ``load_delta``, ``delta_from_file``);
+* :mod:`visiontune.delta.format`: the ``.safetensors`` file (``save_delta``, ``delta_from_file``);
+* :mod:`visiontune.delta.load`: ``check_delta`` (does it fit the model?) and ``load_delta``;
 * :mod:`visiontune.delta.build`: a model from a delta's metadata (``build_from_delta``);
 * :mod:`visiontune.delta.writer`: ``DeltaWriter``, the callback that writes ``delta.safetensors`` after ``fit``;
 * :mod:`visiontune.delta.bank`: ``TaskBank``, several tasks on one base, swapped in place.
@@ -22,15 +23,14 @@ from .format import (  # noqa: F401  (re-exported)
     DeltaLayout,
     applied_strategy,
     base_tensor_hashes,
-    check_delta,
     delta_from_file,
     delta_info,
     is_transfer_classifier,
-    load_delta,
     save_delta,
     set_class_names,
     write_delta,
 )
+from .load import check_delta, load_delta  # noqa: F401  (re-exported)
 
 # name -> submodule, imported on first use (the writer subclasses a Lightning Callback)
 _LAZY = {

@@ -33,12 +33,12 @@ from .format import (
     DeltaError,
     applied_strategy,
     base_tensor_hashes,
-    check_delta,
     delta_from_file,
     delta_info,
     is_transfer_classifier,
     set_class_names,
 )
+from .load import check_delta
 
 __all__ = ["MultiTask", "TaskBank", "add_task", "merge_task", "task_bank", "use_task"]
 

@@ -1,7 +1,8 @@
 """Build a model from a task delta's metadata, or load a delta into a model that has no network yet.
 
-The functions the CLI and ``build_from_delta`` users need on top of :mod:`visiontune.delta` (which saves,
-reads and checks deltas); importable from there too.
+The functions the CLI and ``build_from_delta`` users need on top of :mod:`visiontune.delta.format` (which
+saves and reads deltas) and :mod:`visiontune.delta.load` (which checks and loads them); importable from
+:mod:`visiontune.delta` too.
 
 Example:
     >>> from visiontune.delta.build import build_from_delta
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from .format import DeltaError, delta_from_file, load_delta
+from .format import DeltaError, delta_from_file
+from .load import load_delta
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..training.module import TransferClassifier

@@ -24,7 +24,7 @@ Example:
     >>> save_delta(model, "digits.safetensors")       # ~0.4 MB instead of ~13 MB   # doctest: +SKIP
     >>> again = build_from_delta("digits.safetensors")                             # doctest: +SKIP
 
-Several tasks on one base: :class:`visiontune.delta.TaskBank` (:mod:`visiontune.delta.bank`). After ``fit``:
+Loading and checking: :mod:`visiontune.delta.load`. Several tasks on one base: :class:`visiontune.delta.TaskBank` (:mod:`visiontune.delta.bank`). After ``fit``:
 the :class:`visiontune.delta.DeltaWriter` callback (:mod:`visiontune.delta.writer`) writes ``delta.safetensors``
 next to the checkpoints. This module does not import Lightning.
 """
@@ -35,7 +35,6 @@ import copy
 import hashlib
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -49,16 +48,20 @@ from ..io import atomic_save_safetensors
 from ..strategies.base import delta_parameter_names, head_parameter_names, strategy_name
 
 __all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "SPARSE_SUFFIXES",
     "DeltaError",
     "DeltaInfo",
     "DeltaLayout",
     "applied_strategy",
     "base_tensor_hashes",
-    "check_delta",
     "delta_from_file",
     "delta_info",
+    "delta_layout",
     "is_transfer_classifier",
-    "load_delta",
+    "jsonable",
+    "merged_base_weights",
     "save_delta",
     "set_class_names",
     "write_delta",
@@ -68,7 +71,8 @@ FORMAT = "visiontune-delta"
 FORMAT_VERSION = "1"
 _BN = nn.modules.batchnorm._BatchNorm
 _BN_STATS = ("running_mean", "running_var", "num_batches_tracked")
-_SPARSE_SUFFIXES = (".sparse_indices", ".sparse_values")
+#: suffixes of the tensors that hold a sparse parameter's trained entries
+SPARSE_SUFFIXES = (".sparse_indices", ".sparse_values")
 # Task-specific state that is neither delta nor base: sparse masks are rebuilt from the stored indices.
 _NOT_BASE_SUFFIXES = ("_sparse_mask", "visiontune_sparse_calibrated")
 _JSON_FIELDS = ("strategy_config", "class_names", "backbone_args", "head", "base_hashes")
@@ -167,14 +171,16 @@ def applied_strategy(net: nn.Module) -> Any:
     return cfg
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """``obj`` as JSON would give it back (unknown types as ``str``): what a delta's header records."""
     return json.loads(json.dumps(obj, default=str))
 
 
 # ------------------------------------------------------------------------------------------- layout
 @dataclass
 class DeltaLayout:
-    """The tensors a delta of a network holds, by kind (from :func:`check_delta`)."""
+    """The tensors a delta of a network holds, by kind (from :func:`delta_layout`, checked by
+    :func:`visiontune.delta.load.check_delta`)."""
 
     dense: dict[str, torch.Size]     # parameter name -> shape (incl. head)
     sparse: dict[str, torch.Size]    # masked parameter name -> shape
@@ -195,7 +201,8 @@ def _sparse_masks(net: nn.Module) -> dict[str, torch.Tensor]:
     return sparse_masks(net)
 
 
-def _layout(net: nn.Module, bn: str) -> DeltaLayout:
+def delta_layout(net: nn.Module, bn: str) -> DeltaLayout:
+    """The tensors a delta of ``net`` (its strategy applied) holds under the BatchNorm policy ``bn``."""
     if bn not in ("frozen", "eval", "train"):
         raise DeltaError(f"bn policy must be 'frozen', 'eval' or 'train', got {bn!r}")
     applied_strategy(net)
@@ -229,7 +236,8 @@ def _hash(t: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _merged_base_weights(net: nn.Module) -> set[str]:
+def merged_base_weights(net: nn.Module) -> set[str]:
+    """Base tensors a merged LoRA / folded layer has changed in place: not hashed, not compared."""
     from ..strategies.lora import lora_layers
 
     return {f"{n}.base_layer.weight" for n, layer in lora_layers(net).items() if layer.merged}
@@ -237,7 +245,7 @@ def _merged_base_weights(net: nn.Module) -> set[str]:
 
 def base_tensor_hashes(net: nn.Module, skip: set[str]) -> dict[str, str]:
     """Short hash of every base tensor (state-dict entry) not in ``skip`` and not task-specific."""
-    skip = skip | _merged_base_weights(net)
+    skip = skip | merged_base_weights(net)
     return {
         k: _hash(v) for k, v in net.state_dict().items()
         if k not in skip and not k.endswith(_NOT_BASE_SUFFIXES)
@@ -269,7 +277,7 @@ def write_delta(info: DeltaInfo, path: str | os.PathLike) -> Path:
         )
     if not info.backbone:
         raise DeltaError("save_delta: pass backbone='<timm model name>' for a net without pretrained_cfg")
-    layout = _layout(net, info.bn)
+    layout = delta_layout(net, info.bn)
     head_out = {p.shape[0] for n, p in net.named_parameters() if n in layout.head and p.ndim >= 1}
     if head_out and head_out != {len(info.class_names)}:
         raise DeltaError(
@@ -285,12 +293,12 @@ def write_delta(info: DeltaInfo, path: str | os.PathLike) -> Path:
         "architecture": str((getattr(net, "pretrained_cfg", None) or {}).get("architecture", "")),
         "weights": "none" if info.weights is None else str(info.weights),
         "strategy": strategy_name(cfg),
-        "strategy_config": json.dumps(_jsonable(cfg.to_dict()), sort_keys=True),
+        "strategy_config": json.dumps(jsonable(cfg.to_dict()), sort_keys=True),
         "class_names": json.dumps(list(info.class_names)),
         "num_classes": str(len(info.class_names)),
         "bn": info.bn,
         "weights_of": info.weights_of,
-        "backbone_args": json.dumps(_jsonable(info.backbone_args), sort_keys=True),
+        "backbone_args": json.dumps(jsonable(info.backbone_args), sort_keys=True),
         "head": json.dumps(layout.head),
         "base_hashes": json.dumps(base_tensor_hashes(net, skip), sort_keys=True),
     }
@@ -389,172 +397,6 @@ def delta_from_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], d
     meta["weights"] = None if meta.get("weights") in (None, "none") else meta["weights"]
     meta.setdefault("weights_of", "model")  # deltas from before the field held the model's own weights
     return tensors, meta
-
-
-def _config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
-    keys = sorted(set(saved) | set(current))
-    return [f"{k} (delta {saved.get(k, '<unset>')!r}, model {current.get(k, '<unset>')!r})"
-            for k in keys if saved.get(k, "<unset>") != current.get(k, "<unset>")]
-
-
-def _shown(items: list[str], n: int = 8) -> str:
-    return ", ".join(items[:n]) + (f", ... ({len(items)} in all)" if len(items) > n else "")
-
-
-def check_delta(info: DeltaInfo, tensors: Mapping[str, torch.Tensor], meta: Mapping[str, Any], source: str, *,
-                strict: bool, check_base: bool, allow_head_mismatch: bool = False,
-                base_hashes: Mapping[str, str] | None = None) -> DeltaLayout:
-    """Raise a :class:`DeltaError` naming everything in the delta that does not fit ``info.net``; else return
-    the layout of the tensors to write into it. ``tensors``, ``meta``: from :func:`delta_from_file`.
-
-    ``allow_head_mismatch``: another class count is fine (a TaskBank gives every task its own head), only
-    the head's input size must match. ``base_hashes``: precomputed hashes of the base (TaskBank).
-    """
-    net = info.net
-    problems: list[str] = []
-    arch = (getattr(net, "pretrained_cfg", None) or {}).get("architecture")
-    model_backbone = info.backbone or arch
-    if model_backbone and meta.get("backbone") and meta["backbone"] != model_backbone:
-        problems.append(f"backbone: delta is for {meta['backbone']!r}, the model is {model_backbone!r}")
-    cfg = applied_strategy(net)
-    name = strategy_name(cfg)
-    if meta.get("strategy") != name:
-        problems.append(f"strategy: delta was saved with {meta.get('strategy')!r}, the model uses {name!r}")
-    else:
-        diff = _config_diff(meta.get("strategy_config") or {}, _jsonable(cfg.to_dict()))
-        if diff:
-            msg = f"strategy options of {name!r} differ: {_shown(diff)}"
-            if strict:
-                problems.append(msg)
-            else:
-                warnings.warn(f"{source}: {msg}", stacklevel=3)
-    if problems:  # the rest would only repeat these in terms of keys
-        raise DeltaError(f"{source} does not fit the model: " + "; ".join(problems))
-    layout = _layout(net, meta.get("bn") or "frozen")
-    expected = layout.keys()
-    params = dict(net.named_parameters())
-    head_ok = allow_head_mismatch
-    for n in layout.head:
-        t = tensors.get(n)
-        if allow_head_mismatch and t is not None and t.shape[1:] != params[n].shape[1:]:
-            problems.append(f"head {n!r}: delta {tuple(t.shape)} vs model {tuple(params[n].shape)} (input size)")
-        if not allow_head_mismatch and t is not None and t.ndim >= 1 and t.shape[0] != params[n].shape[0]:
-            names = [str(c) for c in meta.get("class_names") or []]
-            problems.append(
-                f"class count: the delta has {meta.get('num_classes')} classes ({_shown(names, 5)}) in its head "
-                f"{n!r} {tuple(t.shape)} but the model's head has {params[n].shape[0]} outputs"
-            )
-            head_ok = True  # reported: no second line for the same tensor
-    missing = [k for k in expected if k not in tensors]
-    unexpected = [k for k in tensors if k not in expected]
-    if missing:
-        problems.append(f"missing keys (the model's strategy trains them): {_shown(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys (not part of the model's delta): {_shown(unexpected)}")
-    shapes = [
-        f"{k}: delta {tuple(tensors[k].shape)} vs model {tuple(s)}"
-        for k, s in expected.items()
-        if s is not None and k in tensors and tensors[k].shape != s and not (head_ok and k in layout.head)
-    ]
-    for n, s in layout.sparse.items():
-        idx, val = tensors.get(n + ".sparse_indices"), tensors.get(n + ".sparse_values")
-        if idx is not None and val is not None and (
-            idx.ndim != 1 or idx.shape != val.shape or (idx.numel() and int(idx.max()) >= s.numel())
-        ):
-            shapes.append(f"{n}.sparse_indices/values do not fit shape {tuple(s)}")
-    if shapes:
-        problems.append(f"shape mismatch: {_shown(shapes)}")
-    if problems:
-        raise DeltaError(f"{source} does not fit the model: " + "; ".join(problems))
-    saved = meta.get("base_hashes") or {}
-    if check_base and saved:
-        mine = base_hashes if base_hashes is not None else base_tensor_hashes(net, {*expected, *layout.sparse})
-        differ = [k for k in saved if k in mine and mine[k] != saved[k]]
-        absent = [k for k in saved if k not in mine and k not in _merged_base_weights(net)]
-        if differ or absent:
-            detail = []
-            if differ:
-                detail.append(f"{len(differ)} differ ({_shown(differ, 5)})")
-            if absent:
-                detail.append(f"{len(absent)} missing from the model ({_shown(absent, 5)})")
-            raise DeltaError(
-                f"{source}: the model's base tensors are not the base this delta was trained on: "
-                f"{'; '.join(detail)}. The delta expects {meta.get('backbone')!r} with weights="
-                f"{meta.get('weights')!r} and backbone_args={meta.get('backbone_args')}; build the base the "
-                "same way (build_from_delta(path, weights=...)), or pass check_base=False to load anyway"
-            )
-    return layout
-
-
-def _write_into(net: nn.Module, tensors: Mapping[str, torch.Tensor], layout: DeltaLayout) -> None:
-    params = dict(net.named_parameters())
-    buffers = dict(net.named_buffers())
-    with torch.no_grad():
-        for n in layout.dense:
-            params[n].copy_(tensors[n])
-        for n in layout.stats:
-            buffers[n].copy_(tensors[n])
-        if layout.sparse:
-            from ..strategies.sparse import apply_sparse_delta
-
-            sparse = {k: v for k, v in tensors.items() if k.endswith(_SPARSE_SUFFIXES)}
-            apply_sparse_delta(net, sparse)
-            masks = _sparse_masks(net)
-            for n in layout.sparse:  # continued training moves the same entries as the delta's
-                masks[n].fill_(False).view(-1)[sparse[n + ".sparse_indices"].to(masks[n].device)] = True
-            flag = getattr(net, "visiontune_sparse_calibrated", None)
-            if isinstance(flag, torch.Tensor):
-                flag.fill_(True)
-
-
-def load_delta(
-    model: nn.Module,
-    path: str | os.PathLike,
-    *,
-    strict: bool = True,
-    check_base: bool = True,
-) -> dict[str, Any]:
-    """Load a delta into ``model`` (same backbone + weights + strategy), in place.
-
-    Everything is checked before anything is written: backbone, strategy name and options, class count,
-    missing / unexpected keys, shapes, and hashes of the base tensors the delta does not hold. A merged LoRA
-    model is unmerged, loaded and merged again. A TransferClassifier takes the delta's class names.
-
-    Args:
-        model: a TransferClassifier or a timm net with the strategy applied.
-        path: a file written by :func:`save_delta`.
-        strict: differing strategy options (e.g. ``dropout``) are an error; ``False`` only warns. Key and
-            shape mismatches are always errors.
-        check_base: verify that the base tensors equal those the delta was trained on.
-
-    Returns:
-        The delta's metadata (see :func:`delta_from_file`).
-
-    Raises:
-        DeltaError: naming the mismatching backbone, options, keys or shapes; the model is unchanged.
-
-    Example:
-        >>> import timm
-        >>> from visiontune import apply_strategy
-        >>> base = timm.create_model("resnet18", num_classes=3)  # the base the delta was trained on
-        >>> _ = apply_strategy(base, "lora", {"rank": 4})
-        >>> load_delta(base, "task.safetensors")["class_names"]  # doctest: +SKIP
-        ['a', 'b', 'c']
-    """
-    from ..strategies.lora import lora_layers
-
-    info = delta_info(model)
-    tensors, meta = delta_from_file(path)
-    layout = check_delta(info, tensors, meta, repr(str(path)), strict=strict, check_base=check_base)
-    merged = [layer for layer in lora_layers(info.net).values() if layer.merged]
-    for layer in merged:
-        layer.unmerge()
-    _write_into(info.net, tensors, layout)
-    for layer in merged:
-        layer.merge()
-    if info.module is not None and meta.get("class_names"):
-        set_class_names(info.module, list(meta["class_names"]))
-    return meta
 
 
 def set_class_names(module: nn.Module, names: list[str]) -> None:

@@ -117,7 +117,7 @@ class FixMatchState:
         """
         if dm is None or not hasattr(dm, "unlabeled_set"):
             return  # plain dataloaders: the user hands us {"labeled": ..., "unlabeled": ...} batches
-        from ..data.datamodule import ImageDataset
+        from ..data.dataset import ImageDataset
         from ..data.sources import DataError
         from ..data.strong import strong_transform, weak_transform
 
@@ -333,45 +333,8 @@ def training_step(module: "ClassifierModel", batch: Any, *, fixmatch: Optional[F
         labeled, unlabeled = batch, None
     x, y = labeled[0], labeled[1]
     logs: dict[str, Tensor | float] = {}
-    teacher_logits = None
     if fm is not None:
-        if unlabeled is None:
-            raise ConfigError("model.semi_supervised is set but the batch has no 'unlabeled' part: use an "
-                             "ImageDataModule with data.unlabeled (or 'rest' with labels_per_class)")
-        x_w, x_s, true = unlabeled[0], unlabeled[1], unlabeled[2] if len(unlabeled) > 2 else None
-        index = unlabeled[3] if len(unlabeled) > 3 else None
-        fm._ensure(module)
-        weak = fm.weak_logits(module, x_w)
-        old_weak = None
-        x_sup, y_sup, replayed = x, y, None
-        if expansion is not None and expansion.old_model is not None:
-            old_weak = expansion.old_logits(x_w)
-            anchored, old_cls = confident_old(old_weak, fm.cfg.threshold)
-            weak = _anchor(weak, anchored, old_cls)
-            if expansion.cfg.replay:
-                replayed = anchored
-                x_sup, y_sup = torch.cat([x, x_w[replayed]]), torch.cat([y, old_cls[replayed].to(y.dtype)])
-                logs["train_replay"] = float(replayed.sum())
-        logits_sup, logits_s = forward_train(module.net, x_sup, x_s, fm.cfg.bn)
-        logits_l = logits_sup[: len(y)]
-        out = fixmatch_loss(logits_s, weak, fm.cfg, step=int(module.global_step), da=fm.da, flex=fm.flex,
-                            indices=index)
-        sup = module.loss(logits_sup, y_sup)
-        loss = sup + out.loss
-        logs.update({"train_unsup_loss": out.loss_u.detach(), "train_unsup_weight": float(out.weight),
-                     "train_mask_rate": out.mask_rate})
-        if true is not None:
-            known = true >= 0
-            if bool(known.any()):
-                hit = _hard(out.targets) == true
-                logs["train_pseudo_acc_all"] = hit[known].float().mean()
-                confident = known & out.mask
-                if bool(confident.any()):
-                    logs["train_pseudo_acc"] = hit[confident].float().mean()
-        student = torch.cat([logits_sup, logits_s])
-        if old_weak is not None and expansion.cfg.distill > 0:  # LwF: old model on weak views, student on strong
-            parts = [expansion.old_logits(x)] + ([old_weak[replayed]] if replayed is not None else []) + [old_weak]
-            teacher_logits = torch.cat(parts)
+        loss, sup, logits_l, student, teacher_logits = _fixmatch_losses(module, fm, expansion, x, y, unlabeled, logs)
     else:
         logits_l = module.net(x)
         sup = loss = module.loss(logits_l, y)
@@ -388,3 +351,48 @@ def training_step(module: "ClassifierModel", batch: Any, *, fixmatch: Optional[F
     for key, value in logs.items():
         module.log(key, value, prog_bar=key == "train_mask_rate", batch_size=len(y))
     return loss
+
+
+def _fixmatch_losses(module: "ClassifierModel", fm: FixMatchState, expansion: Optional["ClassExpansion"], x: Tensor,
+                     y: Tensor, unlabeled: Any, logs: dict[str, Tensor | float]) -> tuple[Tensor, ...]:
+    """FixMatch's part of :func:`training_step` (adds its values to ``logs``): the loss, the supervised loss, the
+    labeled batch's logits, the student's logits and the old model's (``None``: no distillation)."""
+    if unlabeled is None:
+        raise ConfigError("model.semi_supervised is set but the batch has no 'unlabeled' part: use an "
+                         "ImageDataModule with data.unlabeled (or 'rest' with labels_per_class)")
+    x_w, x_s, true = unlabeled[0], unlabeled[1], unlabeled[2] if len(unlabeled) > 2 else None
+    index = unlabeled[3] if len(unlabeled) > 3 else None
+    fm._ensure(module)
+    weak = fm.weak_logits(module, x_w)
+    old_weak = None
+    x_sup, y_sup, replayed = x, y, None
+    if expansion is not None and expansion.old_model is not None:
+        old_weak = expansion.old_logits(x_w)
+        anchored, old_cls = confident_old(old_weak, fm.cfg.threshold)
+        weak = _anchor(weak, anchored, old_cls)
+        if expansion.cfg.replay:
+            replayed = anchored
+            x_sup, y_sup = torch.cat([x, x_w[replayed]]), torch.cat([y, old_cls[replayed].to(y.dtype)])
+            logs["train_replay"] = float(replayed.sum())
+    logits_sup, logits_s = forward_train(module.net, x_sup, x_s, fm.cfg.bn)
+    logits_l = logits_sup[: len(y)]
+    out = fixmatch_loss(logits_s, weak, fm.cfg, step=int(module.global_step), da=fm.da, flex=fm.flex,
+                        indices=index)
+    sup = module.loss(logits_sup, y_sup)
+    loss = sup + out.loss
+    logs.update({"train_unsup_loss": out.loss_u.detach(), "train_unsup_weight": float(out.weight),
+                 "train_mask_rate": out.mask_rate})
+    if true is not None:
+        known = true >= 0
+        if bool(known.any()):
+            hit = _hard(out.targets) == true
+            logs["train_pseudo_acc_all"] = hit[known].float().mean()
+            confident = known & out.mask
+            if bool(confident.any()):
+                logs["train_pseudo_acc"] = hit[confident].float().mean()
+    teacher_logits = None
+    student = torch.cat([logits_sup, logits_s])
+    if old_weak is not None and expansion.cfg.distill > 0:  # LwF: old model on weak views, student on strong
+        parts = [expansion.old_logits(x)] + ([old_weak[replayed]] if replayed is not None else []) + [old_weak]
+        teacher_logits = torch.cat(parts)
+    return loss, sup, logits_l, student, teacher_logits

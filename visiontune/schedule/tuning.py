@@ -204,7 +204,7 @@ def lr_find_main(argv: Sequence[str]) -> int:
     if own.num_training < 3:
         ap.error("--num_training must be >= 3")
 
-    from ..cli.main import VisionTuneCLI
+    from ..cli.lightning_cli import VisionTuneCLI
 
     cli = VisionTuneCLI(args=rest, run=False)
     result = lr_find(cli.model, cli.datamodule, trainer=cli.trainer, min_lr=own.min_lr, max_lr=own.max_lr,

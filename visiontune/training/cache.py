@@ -315,7 +315,7 @@ class FeatureCache(Callback):
 
     def _load_or_extract(self, net: nn.Module, model_name: str, weights_fp: str, role: str, ds: Any,
                          transform: Any, transform_cfg: dict, batch_size: int, workers: int) -> FeatureDataset:
-        from ..data.datamodule import ImageDataset
+        from ..data.dataset import ImageDataset
 
         pooled = _can_pool(net)
         key = cache_key(model_name, weights_fp, fingerprint_items(ds.samples.items), transform_cfg, pooled)

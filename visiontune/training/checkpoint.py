@@ -1,4 +1,5 @@
-"""Checkpoint safety: atomic writes, ``weights_only`` loading, clear mismatch errors, RNG state for exact resume.
+"""Checkpoint safety: atomic writes, ``weights_only`` loading, clear mismatch errors, RNG state for exact resume,
+and :func:`weights_from_checkpoint` (models built inside read no pretrained weights: a checkpoint follows).
 
 Lightning's own ``TorchCheckpointIO`` serialises to memory and then writes through fsspec, which stages the
 bytes in a temp file under ``/tmp`` and ``shutil.move``-s it into place: where ``/tmp`` is another
@@ -13,8 +14,10 @@ Python pass it to the trainer::
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import random
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -27,7 +30,8 @@ from ..errors import CheckpointNotFoundError, UserError
 from ..io import atomic_open, checkpoint_load_error, safe_torch_load
 
 __all__ = ["AtomicCheckpointIO", "CheckpointMismatchError", "LatestCheckpoint", "collect_rng_state",
-           "restore_rng_state", "state_dict_mismatch"]
+           "check_checkpoint_fits", "evaluated_state", "load_module_checkpoint", "restore_rng_state", "saved_value",
+           "state_dict_mismatch", "weights_come_from_checkpoint", "weights_from_checkpoint"]
 
 
 class CheckpointMismatchError(UserError, ValueError):
@@ -93,6 +97,30 @@ def state_dict_mismatch(model_state: Mapping[str, torch.Tensor], loaded: Mapping
     return out
 
 
+def saved_value(checkpoint: Mapping[str, Any], key: str) -> Any:
+    """``key`` (``"backbone"``, ``"class_names"``, ...) as a TransferClassifier checkpoint records it: in its
+    ``visiontune`` block, else in its hyper-parameters; ``None`` when neither has it.
+
+    Example:
+        >>> saved_value({"visiontune": {"backbone": "resnet18"}, "hyper_parameters": {}}, "backbone")
+        'resnet18'
+    """
+    return (checkpoint.get("visiontune") or {}).get(key) or checkpoint.get("hyper_parameters", {}).get(key)
+
+
+def check_checkpoint_fits(model_state: Mapping[str, torch.Tensor], checkpoint: Mapping[str, Any], *,
+                          backbone: str, num_classes: int) -> None:
+    """Raise :class:`CheckpointMismatchError` when ``checkpoint["state_dict"]`` does not fit ``model_state``
+    (:func:`state_dict_mismatch`), naming both backbones and class counts (the model's: ``backbone``,
+    ``num_classes``)."""
+    problems = state_dict_mismatch(model_state, checkpoint["state_dict"])
+    if problems:
+        theirs, names = saved_value(checkpoint, "backbone"), saved_value(checkpoint, "class_names")
+        raise CheckpointMismatchError(
+            f"checkpoint (backbone {theirs}, {len(names or [])} classes) does not fit this model "
+            f"(backbone {backbone}, {num_classes} classes): " + "; ".join(problems))
+
+
 def collect_rng_state() -> dict[str, Any]:
     """torch / numpy / python global RNG states, as plain tensors and tuples (loadable with weights_only)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -113,6 +141,63 @@ def restore_rng_state(state: Mapping[str, Any] | None) -> None:
     py = state["python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
 
+
+_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "visiontune_weights_from_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def weights_from_checkpoint() -> Iterator[None]:
+    """Context: TransferClassifiers created inside get all their weights from a checkpoint loaded next.
+
+    They build their network without reading the pretrained ``weights`` (no download, no file read), yet keep
+    ``hparams.weights`` as it is: the base the model was trained on, which checkpoints, configs and task deltas
+    record. :meth:`TransferClassifier.load` and ``visiontune ... --ckpt_path`` use it.
+
+    Example:
+        >>> from visiontune import TransferClassifier
+        >>> with weights_from_checkpoint():
+        ...     m = TransferClassifier("resnet18", weights="hub", num_classes=2)  # random init, no download
+        >>> m.hparams.weights, m.weights_from_checkpoint
+        ('hub', True)
+    """
+    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
+    try:
+        yield
+    finally:
+        _WEIGHTS_FROM_CHECKPOINT.reset(token)
+
+
+def weights_come_from_checkpoint() -> bool:
+    """Whether this runs inside :func:`weights_from_checkpoint` (a TransferClassifier asks when it is built)."""
+    return _WEIGHTS_FROM_CHECKPOINT.get()
+
+
+def evaluated_state(checkpoint: Mapping[str, Any], *, ema: bool) -> dict[str, torch.Tensor]:
+    """The weights of the network that evaluated when a TransferClassifier checkpoint was saved: the EMA's
+    (``ema``: the model keeps an EMA of its weights) when the checkpoint holds one, else its ``net``'s (a teacher
+    not built yet at the checkpoint would have been the student)."""
+    state = None
+    if ema:
+        saved = checkpoint.get("visiontune_ema") or checkpoint.get("visiontune_fixmatch") or {}
+        state = (saved.get("teacher") or {}).get("module")
+    if state is None:
+        state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
+    return state
+
+
+def load_module_checkpoint(cls: Any, path: str, **kwargs: Any) -> Any:
+    """``cls.load_from_checkpoint(path, weights_only=True, **kwargs)`` inside :func:`weights_from_checkpoint`
+    (:meth:`visiontune.TransferClassifier.load`); a truncated, corrupt or unsafe file raises an error naming it."""
+    try:
+        # weights_only: a checkpoint is data, never code (a planted pickle is refused before it runs)
+        with weights_from_checkpoint():
+            return cls.load_from_checkpoint(path, weights_only=True, **kwargs)
+    except Exception as exc:  # a truncated / corrupt / unsafe file: an error naming it
+        err = checkpoint_load_error(path, exc, from_torch_load=False)
+        if err is None:
+            raise
+        raise err from None
 
 
 class LatestCheckpoint(ModelCheckpoint):

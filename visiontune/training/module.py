@@ -1,66 +1,52 @@
-"""``TransferClassifier``: a timm backbone + new head + a strategy, as a LightningModule."""
+"""``TransferClassifier``: a timm backbone + new head + a strategy, as a LightningModule.
+
+Its evaluation (metrics, val / test / predict steps) is :class:`~visiontune.training.evaluation.EvaluationSteps`;
+option checks, the LR schedule and checkpoint helpers are in ``training.options``, ``.optim`` and ``.checkpoint``.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import copy
 import dataclasses
-import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
 from .. import __version__
-from ..models.backbones import BackboneError, create_backbone, data_config
-from .bn import apply_bn_policy
-from .checkpoint import CheckpointMismatchError, collect_rng_state, restore_rng_state, state_dict_mismatch
-from ..objectives.classes import ClassExpansionConfig
-from .ema import WeightEMA
 from ..errors import ConfigError
+from ..models.backbones import BackboneError, create_backbone, data_config
+from ..objectives.classes import ClassExpansionConfig
 from ..objectives.expansion import ClassExpansion, as_expansion_config
 from ..objectives.fixmatch import FixMatchState, as_fixmatch_config
 from ..objectives.fixmatch import training_step as fixmatch_training_step
-from .optim import param_groups
 from ..objectives.semisup import FixMatchConfig
 from ..strategies import StrategyConfig, apply_strategy, make_strategy_config, trainable_parameter_count
 from ..strategies.base import strategy_name
+from .bn import apply_bn_policy
+from .checkpoint import (
+    check_checkpoint_fits,
+    collect_rng_state,
+    evaluated_state,
+    load_module_checkpoint,
+    restore_rng_state,
+    saved_value,
+    weights_come_from_checkpoint,
+    weights_from_checkpoint,
+)
+from .ema import WeightEMA
+from .evaluation import EvaluationSteps, make_metrics
+from .optim import lr_schedule, param_groups
+from .options import check_data_classes, check_model_options, check_option, is_number
 
 __all__ = ["TransferClassifier", "weights_from_checkpoint"]
 
-_WEIGHTS_FROM_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "visiontune_weights_from_checkpoint", default=False)
 
-
-@contextlib.contextmanager
-def weights_from_checkpoint() -> Iterator[None]:
-    """Context: TransferClassifiers created inside get all their weights from a checkpoint loaded next.
-
-    They build their network without reading the pretrained ``weights`` (no download, no file read), yet keep
-    ``hparams.weights`` as it is: the base the model was trained on, which checkpoints, configs and task deltas
-    record. :meth:`TransferClassifier.load` and ``visiontune ... --ckpt_path`` use it.
-
-    Example:
-        >>> with weights_from_checkpoint():
-        ...     m = TransferClassifier("resnet18", weights="hub", num_classes=2)  # random init, no download
-        >>> m.hparams.weights, m.weights_from_checkpoint
-        ('hub', True)
-    """
-    token = _WEIGHTS_FROM_CHECKPOINT.set(True)
-    try:
-        yield
-    finally:
-        _WEIGHTS_FROM_CHECKPOINT.reset(token)
-
-
-class TransferClassifier(L.LightningModule):
+class TransferClassifier(EvaluationSteps, L.LightningModule):
     """Adapt a pretrained timm backbone to a new classification task with one of many strategies.
 
     Args:
@@ -142,41 +128,22 @@ class TransferClassifier(L.LightningModule):
             strategy = strategy_name(strategy)
         self.strategy_config = make_strategy_config(strategy, strategy_args)  # validates early
         strategy_args = dict(strategy_args or {})
-        for option, value in (("weight_decay", weight_decay), ("label_smoothing", label_smoothing),
-                              ("warmup_steps", warmup_steps), ("layer_decay", layer_decay)):
-            _check(value is None and option == "layer_decay" or _is_number(value), f"model.{option}",
-                   f"must be a number, got {value!r}")
-        _check(num_classes is None or _is_int(num_classes), "model.num_classes",
-               f"must be an integer, got {num_classes!r}")
-        _check(lr is None or (_is_number(lr) and lr > 0), "model.lr", f"must be a number > 0 or null, got {lr!r}")
-        _check(weight_decay >= 0, "model.weight_decay", f"must be >= 0, got {weight_decay!r}")
-        _check(0 <= label_smoothing < 1, "model.label_smoothing", f"must be in [0, 1), got {label_smoothing!r}")
-        _check(warmup_steps >= 0, "model.warmup_steps", f"must be >= 0, got {warmup_steps!r}")
-        _check(scheduler in ("cosine", "constant"), "model.scheduler",
-               f"must be 'cosine' or 'constant', got {scheduler!r}")
-        _check(bn in ("frozen", "eval", "train"), "model.bn", f"must be 'frozen', 'eval' or 'train', got {bn!r}")
-        _check(not cache_features or (strategy_name(self.strategy_config) == "linear" and bn != "train"),
-               "model.cache_features", "needs strategy 'linear' and bn 'frozen' or 'eval' (a fixed backbone)")
-        _check(layer_decay is None or 0 < layer_decay <= 1, "model.layer_decay",
-               f"must be in (0, 1], got {layer_decay!r}")
-        if class_names is not None:
-            class_names = [str(c) for c in class_names]
-            _check(len(set(class_names)) == len(class_names), "model.class_names", "has duplicates")
-            _check(num_classes is None or num_classes == len(class_names), "model.num_classes",
-                   f"is {num_classes} but class_names has {len(class_names)} names")
-        if num_classes is not None:
-            _check(num_classes >= 1, "model.num_classes", f"must be >= 1, got {num_classes!r}")
+        class_names = check_model_options(
+            strategy=strategy_name(self.strategy_config), num_classes=num_classes, class_names=class_names, lr=lr,
+            weight_decay=weight_decay, warmup_steps=warmup_steps, scheduler=scheduler,
+            label_smoothing=label_smoothing, layer_decay=layer_decay, bn=bn, cache_features=cache_features)
         fixmatch_cfg, expansion_cfg = as_fixmatch_config(semi_supervised), as_expansion_config(class_expansion)
-        _check(expansion_cfg is None or init_from is not None, "model.class_expansion",
-               "needs model.init_from (the checkpoint of the model to add classes to)")
-        _check(ema is None or (_is_number(ema) and 0 < ema < 1), "model.ema", f"must be in (0, 1) or null, got {ema!r}")
-        _check(ema is None or fixmatch_cfg is None or fixmatch_cfg.ema is None, "model.ema",
-               "and model.semi_supervised.ema are both set: with FixMatch, set only semi_supervised.ema")
+        check_option(expansion_cfg is None or init_from is not None, "model.class_expansion",
+                     "needs model.init_from (the checkpoint of the model to add classes to)")
+        check_option(ema is None or (is_number(ema) and 0 < ema < 1), "model.ema",
+                     f"must be in (0, 1) or null, got {ema!r}")
+        check_option(ema is None or fixmatch_cfg is None or fixmatch_cfg.ema is None, "model.ema",
+                     "and model.semi_supervised.ema are both set: with FixMatch, set only semi_supervised.ema")
         semi_supervised = dataclasses.asdict(fixmatch_cfg) if fixmatch_cfg else None  # plain hparams
         class_expansion = dataclasses.asdict(expansion_cfg) if expansion_cfg else None
         self.save_hyperparameters()
         # the weights will come from a checkpoint (see weights_from_checkpoint): do not read hparams.weights
-        self.weights_from_checkpoint: bool = _WEIGHTS_FROM_CHECKPOINT.get()
+        self.weights_from_checkpoint: bool = weights_come_from_checkpoint()
         self._fixmatch = FixMatchState(fixmatch_cfg) if fixmatch_cfg else None
         self._ema = WeightEMA(ema) if ema is not None else None
         self._expansion = ClassExpansion(init_from, expansion_cfg or ClassExpansionConfig()) if init_from else None
@@ -207,7 +174,7 @@ class TransferClassifier(L.LightningModule):
             self.class_names = [str(i) for i in range(num_classes)]
         self.hparams["class_names"] = list(self.class_names)
         self.hparams["num_classes"] = num_classes
-        self.metrics = _make_metrics(num_classes)
+        self.metrics = make_metrics(num_classes)
 
     @property
     def learning_rate(self) -> float:
@@ -251,13 +218,7 @@ class TransferClassifier(L.LightningModule):
             self.class_names = list(names)
             self._build(len(names), self.hparams.weights)
         elif names is not None and list(names) != list(self.class_names):
-            if len(names) != self.num_classes:
-                raise ConfigError(
-                    f"the model has {self.num_classes} classes {self.class_names} but the data has "
-                    f"{len(names)}: {list(names)}"
-                )
-            if self.class_names != [str(i) for i in range(self.num_classes)]:
-                raise ConfigError(f"model classes {self.class_names} differ from the data's classes {list(names)}")
+            check_data_classes(self.class_names, self.num_classes, names)
             self.class_names = list(names)
             self.hparams["class_names"] = list(names)
         if self._fixmatch is not None and stage == "fit":  # weak/strong views, mu, pool indices
@@ -299,14 +260,8 @@ class TransferClassifier(L.LightningModule):
         net = ema if ema is not None else self.net
         if checkpoint is None:
             return net
-        state = None
-        if ema is not None:  # a teacher not built yet at the checkpoint would have been the student
-            saved = checkpoint.get("visiontune_ema") or checkpoint.get("visiontune_fixmatch") or {}
-            state = (saved.get("teacher") or {}).get("module")
-        if state is None:
-            state = {k[len("net."):]: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
         net = copy.deepcopy(net)
-        net.load_state_dict(state, strict=True)
+        net.load_state_dict(evaluated_state(checkpoint, ema=ema is not None), strict=True)
         return net
 
     @property
@@ -329,50 +284,10 @@ class TransferClassifier(L.LightningModule):
         self.log_dict({"train_loss": loss, "train_acc": acc}, prog_bar=True, batch_size=len(y))
         return loss
 
-    def _eval_step(self, batch: Any, stage: str) -> None:
-        x, y = batch
-        logits = self(x)
-        self.log(f"{stage}_loss", self.loss(logits, y), batch_size=len(y), sync_dist=True)
-        preds = logits.argmax(1)
-        for m in self.metrics[stage].values():
-            m.update(preds, y)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
-
-    def _eval_epoch_end(self, stage: str) -> None:
-        ms = self.metrics[stage]
-        confusion = ms["confusion"].compute().cpu().numpy()
-        acc = ms["acc"].compute()
-        f1 = ms["macro_f1"].compute()
-        for m in ms.values():
-            m.reset()
-        self.log(f"{stage}_acc", acc, prog_bar=True)
-        self.log(f"{stage}_macro_f1", f1)
-        support = confusion.sum(1)
-        per_class = np.where(support > 0, np.diag(confusion) / np.maximum(support, 1), np.nan)
-        self.last_eval = {
-            "stage": stage,
-            "confusion": confusion,
-            "per_class_acc": {n: (None if np.isnan(a) else float(a)) for n, a in zip(self.class_names, per_class)},
-        }
-        if self._expansion is not None:  # {stage}_acc_old / _acc_new
+    def after_eval_epoch(self, stage: str, confusion: Any) -> None:
+        """Adding classes: also log ``{stage}_acc_old`` / ``_acc_new`` (:mod:`visiontune.objectives.expansion`)."""
+        if self._expansion is not None:
             self._expansion.log_split(self, stage, confusion)
-
-    def on_validation_epoch_end(self) -> None:
-        self._eval_epoch_end("val")
-
-    def on_test_epoch_end(self) -> None:
-        self._eval_epoch_end("test")
-
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        x, index = batch
-        probs = self(x).softmax(1)
-        score, label = probs.max(1)
-        return {"index": index, "label": label, "score": score}
 
     # ------------------------------------------------------------------ optimisation
     def configure_optimizers(self) -> Any:
@@ -380,17 +295,7 @@ class TransferClassifier(L.LightningModule):
         groups = param_groups(self.net, self.learning_rate, h.weight_decay, layer_decay=h.layer_decay)
         optimizer = torch.optim.AdamW(groups, lr=self.learning_rate)
         total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warm = int(h.warmup_steps * total) if 0 < h.warmup_steps < 1 else int(h.warmup_steps)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / (warm + 1)
-            if h.scheduler == "constant":
-                return 1.0
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return 0.5 * (1 + math.cos(math.pi * progress))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = lr_schedule(optimizer, total, h.warmup_steps, h.scheduler)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def apply_bn_policy(self) -> None:
@@ -460,14 +365,16 @@ class TransferClassifier(L.LightningModule):
         batches = ((x.to(self.device), y.to(self.device)) for (x, y, *_), _ in zip(loader, range(n)))
         calibrate_sparse(self.net, batches, self.loss, num_batches=n)
 
+    def _checkpointed_helpers(self) -> dict[str, Any]:
+        # FixMatch (EMA teacher, DA, FlexMatch), class expansion, weight EMA: plain tensors (weights_only loads)
+        return {"visiontune_fixmatch": self._fixmatch, "visiontune_expansion": self._expansion,
+                "visiontune_ema": self._ema}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["visiontune_rng"] = collect_rng_state()  # exact resume of dropout & co.
-        if self._fixmatch is not None:  # EMA teacher, DA, FlexMatch: plain tensors (weights_only loads)
-            checkpoint["visiontune_fixmatch"] = self._fixmatch.state_dict()
-        if self._expansion is not None:
-            checkpoint["visiontune_expansion"] = self._expansion.state_dict()
-        if self._ema is not None:
-            checkpoint["visiontune_ema"] = self._ema.state_dict()
+        for key, helper in self._checkpointed_helpers().items():
+            if helper is not None:
+                checkpoint[key] = helper.state_dict()
         checkpoint["visiontune"] = {
             "version": __version__,
             "backbone": self.hparams.backbone,
@@ -477,14 +384,10 @@ class TransferClassifier(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if self._fixmatch is not None and checkpoint.get("visiontune_fixmatch"):
-            self._fixmatch.load_state_dict(checkpoint["visiontune_fixmatch"])
-        if self._expansion is not None and checkpoint.get("visiontune_expansion"):
-            self._expansion.load_state_dict(checkpoint["visiontune_expansion"])
-        if self._ema is not None and checkpoint.get("visiontune_ema"):
-            self._ema.load_state_dict(checkpoint["visiontune_ema"])
-        names = (checkpoint.get("visiontune") or {}).get("class_names") or \
-            checkpoint.get("hyper_parameters", {}).get("class_names")
+        for key, helper in self._checkpointed_helpers().items():
+            if helper is not None and checkpoint.get(key):
+                helper.load_state_dict(checkpoint[key])
+        names = saved_value(checkpoint, "class_names")
         if names and self.net is None:
             self.class_names = list(names)
             self._build(len(names), None)  # weights come from the checkpoint
@@ -492,13 +395,8 @@ class TransferClassifier(L.LightningModule):
             self.class_names = list(names)
             self.hparams["class_names"] = list(names)
         if self.strict_loading and "state_dict" in checkpoint:
-            problems = state_dict_mismatch(self.state_dict(), checkpoint["state_dict"])
-            if problems:
-                theirs = (checkpoint.get("visiontune") or {}).get("backbone") or \
-                    checkpoint.get("hyper_parameters", {}).get("backbone")
-                raise CheckpointMismatchError(
-                    f"checkpoint (backbone {theirs}, {len(names or [])} classes) does not fit this model "
-                    f"(backbone {self.hparams.backbone}, {self.num_classes} classes): " + "; ".join(problems))
+            check_checkpoint_fits(self.state_dict(), checkpoint, backbone=self.hparams.backbone,
+                                  num_classes=self.num_classes)
         trainer = self._trainer
         if trainer is not None and trainer.state.fn == "fit" and trainer.world_size == 1:
             restore_rng_state(checkpoint.get("visiontune_rng"))  # per-process state: single process only
@@ -530,7 +428,7 @@ class TransferClassifier(L.LightningModule):
     def _rebuild_metrics(self) -> None:
         n = self.net.get_classifier().out_features
         if n != self.metrics["val"]["acc"].num_classes:
-            self.metrics = _make_metrics(n)
+            self.metrics = make_metrics(n)
 
     @classmethod
     def load(cls, path: str, map_location: str | torch.device = "cpu", **overrides: Any) -> "TransferClassifier":
@@ -541,39 +439,4 @@ class TransferClassifier(L.LightningModule):
         Example:
             >>> model = TransferClassifier.load("runs/quickstart/version_0/checkpoints/last.ckpt")  # doctest: +SKIP
         """
-        from ..io import checkpoint_load_error
-
-        try:
-            # weights_only: a checkpoint is data, never code (a planted pickle is refused before it runs)
-            with weights_from_checkpoint():
-                return cls.load_from_checkpoint(path, map_location=map_location, weights_only=True, **overrides)
-        except Exception as exc:  # a truncated / corrupt / unsafe file: an error naming it
-            err = checkpoint_load_error(path, exc, from_torch_load=False)
-            if err is None:
-                raise
-            raise err from None
-
-
-def _is_number(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
-def _is_int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
-
-
-def _make_metrics(num_classes: int) -> nn.ModuleDict:
-    """Accuracy, macro-F1 and confusion matrix for the val and test stages (synced under DDP)."""
-    return nn.ModuleDict({
-        stage: nn.ModuleDict({
-            "acc": MulticlassAccuracy(num_classes, average="micro"),
-            "macro_f1": MulticlassF1Score(num_classes, average="macro"),
-            "confusion": MulticlassConfusionMatrix(num_classes),
-        })
-        for stage in ("val", "test")
-    })
-
-
-def _check(ok: bool, option: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{option} {message}")
+        return load_module_checkpoint(cls, path, map_location=map_location, **overrides)

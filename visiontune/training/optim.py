@@ -1,4 +1,5 @@
-"""Optimizer parameter groups: weight decay off for biases/norms, optional layer-wise LR decay.
+"""Optimizer parameter groups (weight decay off for biases/norms, optional layer-wise LR decay) and the
+learning-rate schedule (:func:`lr_schedule`: linear warm-up, then cosine or constant).
 
 Every parameter a strategy may train lands in exactly one group (asserted), including parameters a
 schedule keeps frozen for now: groups are created once, up front, so LR schedulers keep working when a
@@ -7,14 +8,16 @@ schedule thaws more layers later.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 
 from ..models.groups import depth_groups
 from ..strategies.base import delta_parameter_names
 
-__all__ = ["param_groups", "layer_scales"]
+__all__ = ["param_groups", "layer_scales", "lr_schedule"]
 
 
 def _no_decay(name: str, p: nn.Parameter) -> bool:
@@ -99,3 +102,28 @@ def param_groups(
     missing = wanted - set(placed)
     assert not missing, f"trainable parameters missing from optimizer groups: {sorted(missing)[:5]}"
     return groups
+
+
+def lr_schedule(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: float, scheduler: str
+) -> torch.optim.lr_scheduler.LambdaLR:
+    """The LR multiplier per optimizer step: a linear warm-up over ``warmup_steps`` (a count, or a fraction of
+    ``total_steps`` when in (0, 1)), then ``"cosine"`` (to 0 at ``total_steps``) or ``"constant"``.
+
+    Example:
+        >>> opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> s = lr_schedule(opt, total_steps=10, warmup_steps=0.2, scheduler="cosine")
+        >>> [round(f(step), 3) for f in s.lr_lambdas for step in (0, 1, 2, 6, 10)]
+        [0.333, 0.667, 1.0, 0.5, 0.0]
+    """
+    warm = int(warmup_steps * total_steps) if 0 < warmup_steps < 1 else int(warmup_steps)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        if scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
