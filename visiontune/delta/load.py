@@ -31,7 +31,8 @@ from .format import (
 __all__ = ["check_delta", "load_delta"]
 
 
-def _config_diff(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+def _config_diff(saved: Mapping[str, Any], current: Mapping[str, Any], defaults: Mapping[str, Any]) -> list[str]:
+    saved = {**defaults, **saved}  # an option added after the delta was saved had its default then
     keys = sorted(set(saved) | set(current))
     return [f"{k} (delta {saved.get(k, '<unset>')!r}, model {current.get(k, '<unset>')!r})"
             for k in keys if saved.get(k, "<unset>") != current.get(k, "<unset>")]
@@ -54,7 +55,8 @@ def _check_strategy(info: DeltaInfo, meta: Mapping[str, Any], source: str, *, st
     if meta.get("strategy") != name:
         problems.append(f"strategy: delta was saved with {meta.get('strategy')!r}, the model uses {name!r}")
     else:
-        diff = _config_diff(meta.get("strategy_config") or {}, jsonable(cfg.to_dict()))
+        diff = _config_diff(meta.get("strategy_config") or {}, jsonable(cfg.to_dict()),
+                            jsonable(type(cfg)().to_dict()))
         if diff:
             msg = f"strategy options of {name!r} differ: {_shown(diff)}"
             if strict:

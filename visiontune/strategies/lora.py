@@ -48,6 +48,7 @@ from torch import nn
 
 from .base import StrategyConfig, StrategyError, register_strategy
 from .lora_layers import LORA_INITS, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
+from .lora_options import check_lora_options, lora_alpha, lora_scaling, regex_list
 from .quant import SUPPORTED_BITS, QuantizedBase, QuantizedConv2d, QuantizedLinear, conv_is_supported
 
 __all__ = [
@@ -73,23 +74,6 @@ _CONV_GROUPS = ("per_group", "refuse")
 
 
 # ----------------------------------------------------------------------------------------- configs
-def _patterns(strategy: str, option: str, value: object) -> list[str] | None:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) for v in value):
-        raise StrategyError(
-            f"option {option!r} of strategy {strategy!r} must be a non-empty list of regexes or None, got {value!r}"
-        )
-    for pattern in value:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise StrategyError(f"option {option!r} of strategy {strategy!r}: bad regex {pattern!r} ({exc})") from None
-    return list(value)
-
-
 @dataclass
 class LoRAConfig(StrategyConfig):
     """Options of the ``lora`` strategy.
@@ -107,8 +91,11 @@ class LoRAConfig(StrategyConfig):
         qkv: parts of a fused ``qkv`` Linear that get a delta: a non-empty subset of ``"qkv"``.
         conv_groups: ``"per_group"`` gives grouped/depthwise convs a delta that keeps their groups (see the
             module docstring for its size); ``"refuse"`` raises naming the layer.
-        init: ``"zero"`` (B = 0, the model starts unchanged, standard) or ``"gaussian"`` (B ~ N(0, 0.02²):
-            a non-zero delta from the start, for tests and ablations).
+        init: ``"zero"`` (B = 0, the model starts unchanged, standard), ``"gaussian"`` (B ~ N(0, 0.02²):
+            a non-zero delta from the start, for tests and ablations) or ``"pissa"`` (A, B from the base
+            weight's top-rank singular vectors, the rest stays frozen: the model starts unchanged).
+        rslora: scale by ``alpha / sqrt(rank)`` instead of ``alpha / rank`` (rsLoRA).
+        lr_ratio: LoRA+: ``lora_B`` trains with this many times ``lora_A``'s learning rate (None: the same).
 
     Example:
         >>> LoRAConfig(rank=4, targets=[r"attn\\.qkv$"], qkv="qkv").scaling
@@ -125,6 +112,8 @@ class LoRAConfig(StrategyConfig):
     qkv: str = "qv"
     conv_groups: str = "per_group"
     init: str = "zero"
+    rslora: bool = False
+    lr_ratio: float | None = None
 
     def __post_init__(self) -> None:
         s = getattr(type(self), "strategy_name", "lora")
@@ -136,8 +125,8 @@ class LoRAConfig(StrategyConfig):
             raise StrategyError(f"option 'alpha' of strategy {s!r} must be a number > 0, got {self.alpha!r}")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise StrategyError(f"option 'dropout' of strategy {s!r} must be in [0, 1), got {self.dropout!r}")
-        self.targets = _patterns(s, "targets", self.targets)
-        self.exclude = _patterns(s, "exclude", self.exclude)
+        self.targets = regex_list(s, "targets", self.targets)
+        self.exclude = regex_list(s, "exclude", self.exclude)
         parts = self.qkv if isinstance(self.qkv, str) else None
         if not parts or set(parts) - set("qkv") or len(set(parts)) != len(parts):
             raise StrategyError(
@@ -151,11 +140,12 @@ class LoRAConfig(StrategyConfig):
             )
         if self.init not in LORA_INITS:
             raise StrategyError(f"option 'init' of strategy {s!r} must be one of {list(LORA_INITS)}, got {self.init!r}")
+        check_lora_options(self, s)
 
     @property
     def scaling(self) -> float:
-        """``alpha / rank``: the factor applied to every delta of the configured rank."""
-        return self.alpha / self.rank
+        """``alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``): the factor of every delta of the configured rank."""
+        return lora_scaling(self.alpha, self.rank, self.rslora)
 
 
 @dataclass
@@ -290,8 +280,8 @@ def _wrap(name: str, m: nn.Module, cfg: LoRAConfig, bits: int | None, capped: li
         r = _fit_rank(name, cfg.rank, d * m.in_features, d + m.in_features, capped)
         base = QuantizedLinear(m, bits) if bits else m
         if is_qkv:
-            return LoRAQKVLinear(base, r, cfg.alpha, parts=cfg.qkv, **common)
-        return LoRALinear(base, r, cfg.alpha, **common)
+            return LoRAQKVLinear(base, r, lora_alpha(cfg, r), parts=cfg.qkv, **common)
+        return LoRALinear(base, r, lora_alpha(cfg, r), **common)
     if m.groups > 1 and cfg.conv_groups == "refuse":
         raise StrategyError(
             f"LoRA target {name!r} is a grouped convolution (groups={m.groups}) and option 'conv_groups' is "
@@ -304,7 +294,7 @@ def _wrap(name: str, m: nn.Module, cfg: LoRAConfig, bits: int | None, capped: li
         )
     fan_in = m.weight[0].numel()
     r = _fit_rank(name, cfg.rank, m.weight.numel(), m.out_channels + fan_in, capped)
-    return LoRAConv2d(QuantizedConv2d(m, bits) if bits else m, r, cfg.alpha, **common)
+    return LoRAConv2d(QuantizedConv2d(m, bits) if bits else m, r, lora_alpha(cfg, r), **common)
 
 
 def inject_lora(model: nn.Module, cfg: LoRAConfig | None = None) -> dict[str, LoRALayer]:
@@ -333,6 +323,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig | None = None) -> dict[str, Lo
     for name in lora_targets(model, cfg):
         wrapped[name] = _wrap(name, cands[name], cfg, bits, capped)
     for name, layer in wrapped.items():  # replace only once every layer was accepted
+        layer.alpha, layer.scaling = float(cfg.alpha), lora_scaling(cfg.alpha, layer.rank, cfg.rslora)  # exact
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, layer)
     if capped:

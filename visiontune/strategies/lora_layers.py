@@ -25,8 +25,9 @@ from .quant import QuantizedBase, conv_is_supported, conv_like, is_same_pad
 
 __all__ = ["LORA_INITS", "LoRAConv2d", "LoRALayer", "LoRALinear", "LoRAQKVLinear"]
 
-LORA_INITS = ("zero", "gaussian")
-"""How ``lora_B`` starts (LoRA's ``init`` option): zeros (the delta starts at 0) or small gaussian noise."""
+LORA_INITS = ("zero", "gaussian", "pissa")
+"""How the factors start (LoRA's ``init`` option): ``lora_B`` zeros (the delta starts at 0), small gaussian noise,
+or ``"pissa"``: A and B from the top singular vectors of the base weight (see :meth:`LoRALayer.init_pissa`)."""
 
 
 # -------------------------------------------------------------------------------------- LoRA layers
@@ -59,6 +60,9 @@ class LoRALayer(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.layer_name = name or type(base_layer).__name__
         self.merged = False
+        # PiSSA's principal part s·B0·A0 (frozen; None without PiSSA). Not saved: a function of the base weight.
+        self.register_buffer("pissa_A0", None, persistent=False)
+        self.register_buffer("pissa_B0", None, persistent=False)
 
     @property
     def quantized(self) -> bool:
@@ -76,12 +80,54 @@ class LoRALayer(nn.Module):
             nn.init.zeros_(self.lora_B)
         elif init == "gaussian":
             nn.init.normal_(self.lora_B, std=0.02)
+        elif init == "pissa":
+            self.init_pissa()
         else:
             raise StrategyError(f"option 'init' must be one of {list(LORA_INITS)}, got {init!r}")
 
-    def delta_weight(self) -> Tensor:
-        """``scaling · B·A`` shaped like the base weight (only for merging; the forward never builds it)."""
+    def _delta(self, a: Tensor, b: Tensor) -> Tensor:
+        """``scaling · b·a`` shaped like the base weight, for factors shaped like ``lora_A`` / ``lora_B``."""
         raise NotImplementedError
+
+    def _blocks(self, w: Tensor, a: Tensor, b: Tensor) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+        """(weight matrix, A view, B view) per independently factored block of the weight."""
+        raise NotImplementedError
+
+    def delta_weight(self) -> Tensor:
+        """``scaling · B·A`` shaped like the base weight (only for merging; the forward never builds it);
+        PiSSA: ``scaling · (B·A − B0·A0)``, the change from the base weight."""
+        delta = self._delta(self.lora_A, self.lora_B)
+        return delta if self.pissa_A0 is None else delta - self._delta(self.pissa_A0, self.pissa_B0)
+
+    @torch.no_grad()
+    def init_pissa(self) -> None:
+        """PiSSA init: per block, ``W = U S Vᵀ`` → ``B = U_r·sqrt(S_r/s)``, ``A = sqrt(S_r/s)·V_rᵀ`` (so
+        ``s·B·A`` is the rank-r principal part, as in HF PEFT). The frozen part computes with the residual
+        ``W − s·B0·A0`` (``B0``, ``A0``: these initial factors), so the layer starts as the base layer; the stored
+        base weight stays the pristine one, so deltas and base hashes are unchanged."""
+        if self.quantized:
+            raise StrategyError(f"LoRA layer {self.layer_name!r}: init='pissa' needs a float base weight (not qlora)")
+        w = self._base_weight().detach()
+        for block, a, b in self._blocks(w, self.lora_A, self.lora_B):
+            u, s, vh = torch.linalg.svd(block.float(), full_matrices=False)
+            r = a.shape[0]
+            if r > s.numel():
+                raise StrategyError(f"LoRA layer {self.layer_name!r}: init='pissa' needs rank <= {s.numel()}, got {r}")
+            sr = (s[:r] / self.scaling).sqrt()
+            a.copy_((sr[:, None] * vh[:r]).to(a.dtype))
+            b.copy_((u[:, :r] * sr).to(b.dtype))
+        self.pissa_A0, self.pissa_B0 = self.lora_A.detach().clone(), self.lora_B.detach().clone()
+
+    def layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The base layer's operation (linear or its convolution) with another weight and bias."""
+        raise NotImplementedError
+
+    def _frozen(self, x: Tensor) -> Tensor:
+        """The frozen part of the output: the base layer (PiSSA: with the residual weight ``W − s·B0·A0``)."""
+        if self.pissa_A0 is None or self.merged:
+            return self.base_layer(x)
+        w = self._base_weight() - self._delta(self.pissa_A0, self.pissa_B0)
+        return self.layer_op(x, w, self.base_layer.bias)
 
     def merged_weight(self) -> Tensor:
         """Base weight + delta, as a new tensor (the model is not changed)."""
@@ -172,14 +218,20 @@ class LoRALinear(LoRALayer):
         self._reset(init)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
+        out = self._frozen(x)
         if self.merged:
             return out
         # Two thin matmuls; the frozen base gets no weight-gradient and B·A is never formed.
         return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
 
-    def delta_weight(self) -> Tensor:
-        return (self.lora_B @ self.lora_A) * self.scaling
+    def _delta(self, a: Tensor, b: Tensor) -> Tensor:
+        return (b @ a) * self.scaling
+
+    def _blocks(self, w: Tensor, a: Tensor, b: Tensor) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+        yield w, a, b
+
+    def layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
 
 
 class LoRAQKVLinear(LoRALayer):
@@ -231,13 +283,22 @@ class LoRAQKVLinear(LoRALayer):
         self.lora_B = nn.Parameter(torch.empty(n * self.part_dim, rank, dtype=like.dtype, device=like.device))
         self._reset(init)
 
-    def _part_factors(self) -> Iterable[tuple[int, Tensor, Tensor]]:
+    def _part_factors(self, a: Tensor | None = None, b: Tensor | None = None) -> Iterable[tuple[int, Tensor, Tensor]]:
         r, d = self.rank, self.part_dim
+        a, b = self.lora_A if a is None else a, self.lora_B if b is None else b
         for j, c in enumerate(self.parts):
-            yield "qkv".index(c), self.lora_A[j * r : (j + 1) * r], self.lora_B[j * d : (j + 1) * d]
+            yield "qkv".index(c), a[j * r : (j + 1) * r], b[j * d : (j + 1) * d]
+
+    def _blocks(self, w: Tensor, a: Tensor, b: Tensor) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+        d = self.part_dim
+        for i, pa, pb in self._part_factors(a, b):
+            yield w[i * d : (i + 1) * d], pa, pb
+
+    def layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(x, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.base_layer(x)
+        out = self._frozen(x)
         if self.merged:
             return out
         h = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # (..., parts·rank): one matmul for all
@@ -247,11 +308,11 @@ class LoRAQKVLinear(LoRALayer):
         return torch.cat([out[..., i * d : (i + 1) * d] + deltas[i] if i in deltas else out[..., i * d : (i + 1) * d]
                           for i in range(3)], dim=-1)
 
-    def delta_weight(self) -> Tensor:
+    def _delta(self, a: Tensor, b: Tensor) -> Tensor:
         d = self.part_dim
-        delta = self.lora_A.new_zeros(3 * d, self.lora_A.shape[1])
-        for i, a, b in self._part_factors():
-            delta[i * d : (i + 1) * d] = (b @ a) * self.scaling
+        delta = a.new_zeros(3 * d, a.shape[1])
+        for i, pa, pb in self._part_factors(a, b):
+            delta[i * d : (i + 1) * d] = (pb @ pa) * self.scaling
         return delta
 
     def extra_repr(self) -> str:
@@ -308,17 +369,22 @@ class LoRAConv2d(LoRALayer):
             return base(x)
         if base.groups == 1:
             h = conv_like(base, self.same_pad, self.lora_dropout(x), self.lora_A, None, 1) * self.scaling
-            return base(x) + F.conv2d(h, self.lora_B)
+            return self._frozen(x) + F.conv2d(h, self.lora_B)
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
-            delta = conv_like(base, self.same_pad, self.lora_dropout(x), self.delta_weight(), None, base.groups)
-            return base(x) + delta
+            delta = self._delta(self.lora_A, self.lora_B)
+            return self._frozen(x) + conv_like(base, self.same_pad, self.lora_dropout(x), delta, None, base.groups)
         # Grouped weights are tiny: one conv with W + delta beats a rank-expanded grouped conv pair.
         weight = self._base_weight() + self.delta_weight()
         return conv_like(base, self.same_pad, x, weight, base.bias, base.groups)
 
-    def delta_weight(self) -> Tensor:
-        shape = (self.lora_B.shape[0], *self.lora_A.shape[1:])
-        return (self.lora_B.flatten(1) @ self.lora_A.flatten(1)).view(shape) * self.scaling
+    def _delta(self, a: Tensor, b: Tensor) -> Tensor:
+        return (b.flatten(1) @ a.flatten(1)).view(b.shape[0], *a.shape[1:]) * self.scaling
+
+    def _blocks(self, w: Tensor, a: Tensor, b: Tensor) -> Iterable[tuple[Tensor, Tensor, Tensor]]:
+        yield w.flatten(1), a.view(a.shape[0], -1), b.view(b.shape[0], -1)
+
+    def layer_op(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return conv_like(self.base_layer, self.same_pad, x, weight, bias, self.base_layer.groups)
 
 
 # --------------------------------------------------------------------------------- model surgery

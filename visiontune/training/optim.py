@@ -16,6 +16,7 @@ from torch import nn
 
 from ..models.groups import depth_groups
 from ..strategies.base import delta_parameter_names
+from ..strategies.lora_options import lr_multipliers
 
 __all__ = ["param_groups", "layer_scales", "lr_schedule"]
 
@@ -81,6 +82,7 @@ def param_groups(
     """
     wanted = set(names) if names is not None else set(delta_parameter_names(model))
     scales = layer_scales(model, layer_decay, coarse=coarse)
+    extra = lr_multipliers(model)  # LoRA+ (lr_ratio): lora_B at a multiple of the LR
     buckets: dict[tuple[float, bool], dict] = {}
     seen: set[int] = set()
     for name, p in model.named_parameters():
@@ -88,7 +90,7 @@ def param_groups(
             continue
         seen.add(id(p))
         nd = _no_decay(name, p)
-        key = (scales[name], nd)
+        key = (scales[name] * extra.get(name, 1.0), nd)
         g = buckets.setdefault(
             key,
             {"params": [], "names": [], "lr": lr * key[0], "initial_lr_scale": key[0],
