@@ -80,6 +80,24 @@ def _adapter_count(net: nn.Module, kind: str) -> int:
     return sum(2 * c * max(1, c // 16) + max(1, c // 16) + c for c in dims)
 
 
+def _ssf_count(net: nn.Module) -> int:
+    """A scale and a shift per output channel of every Linear, Conv2d, LayerNorm and BatchNorm2d but the head."""
+    head = net.get_classifier()
+    total = 0
+    for m in net.modules():
+        if m is head:
+            continue
+        if isinstance(m, nn.Linear):
+            total += 2 * m.out_features
+        elif isinstance(m, nn.Conv2d):
+            total += 2 * m.out_channels
+        elif isinstance(m, nn.LayerNorm):
+            total += 2 * m.normalized_shape[-1]
+        elif isinstance(m, nn.BatchNorm2d):
+            total += 2 * m.num_features
+    return total
+
+
 def expected_trainable(net: nn.Module, strategy: str, opts: dict[str, Any], kind: str) -> int:
     """Trainable entries of ``net`` (an un-modified base) under ``strategy``, from shapes and names only."""
     head = _head(net)
@@ -97,6 +115,8 @@ def expected_trainable(net: nn.Module, strategy: str, opts: dict[str, Any], kind
         return head + _numel(net, lambda n, p: id(p) in ids)
     if strategy in ("lora", "qlora"):
         return head + _lora_count(net, opts["rank"], kind)
+    if strategy == "ssf":
+        return head + _ssf_count(net)
     if strategy == "adapter":
         return head + _adapter_count(net, kind)
     if strategy == "vpt":
@@ -116,11 +136,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "lora": {"rank": 4, "init": "gaussian"},
     "qlora": {"rank": 4, "init": "gaussian", "bits": 4},
     "adapter": {}, "vpt": {"length": 4, "deep": True}, "sparse": {"fraction": 0.05},
+    "ssf": {},
 }
 EXPECTED_ERRORS: dict[tuple[str, str], tuple[type[Exception], str]] = {
     ("vpt", "cnn"): (StrategyError, "strategy 'vpt' does not fit EfficientNet"),
 }
-MERGEABLE = {"lora", "qlora"}
+MERGEABLE = {"lora", "qlora", "ssf"}
 
 
 @dataclass
@@ -217,7 +238,7 @@ class StrategyTester:
         x = _x(2)
         with torch.no_grad():
             want = net(x)
-            if self.case.strategy == "lora":
+            if self.case.strategy in ("lora", "ssf"):
                 assert merge(net, safe=True) > 0
                 torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-4)
                 assert unmerge(net) > 0
@@ -228,7 +249,7 @@ class StrategyTester:
             bank_copy = TaskBank(net).merge()
             plain = merge_and_unload(build_copy(net))
             for other in (bank_copy, plain):
-                assert not any("lora_" in n for n, _ in other.named_parameters())
+                assert not any(("lora_" in n or ".ssf." in n) for n, _ in other.named_parameters())
                 torch.testing.assert_close(other(x), want, atol=1e-5, rtol=1e-4)
 
 

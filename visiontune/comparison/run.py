@@ -122,12 +122,13 @@ class _PeakMemory:
 
 
 def _deployable(net: Any) -> Any:
-    """The network as it would be exported: LoRA deltas merged into their layers (on a copy)."""
+    """The network as it would be exported: LoRA deltas merged into (SSF folded into) their layers (on a copy)."""
     try:
         from ..strategies.lora import lora_layers, merge_and_unload
+        from ..strategies.ssf import ssf_sites
     except ImportError:  # pragma: no cover - lora is a built-in strategy
         return net
-    if not lora_layers(net):
+    if not lora_layers(net) and not ssf_sites(net):
         return net
     import copy
 

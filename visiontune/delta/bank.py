@@ -101,6 +101,7 @@ class TaskBank:
 
     def __init__(self, model: nn.Module, *, check_base: bool = True, weak: bool = False) -> None:
         from ..strategies.lora import lora_layers
+        from ..strategies.ssf import unmerge_ssf
 
         info = delta_info(model)
         applied_strategy(info.net)
@@ -111,6 +112,9 @@ class TaskBank:
                           stacklevel=2)
             for layer in merged:
                 layer.unmerge()
+        if unmerge_ssf(info.net):
+            warnings.warn("TaskBank: unfolding the model's merged SSF layers (tasks swap unfolded vectors)",
+                          stacklevel=2)
         self._head_name = _head_module_name(info.net)
         self._base_head = info.net.get_submodule(self._head_name)
         self._base_classes = list(info.module.class_names) if info.module is not None else None
@@ -232,6 +236,7 @@ class TaskBank:
             True
         """
         from ..strategies.lora import lora_layers
+        from ..strategies.ssf import merge_ssf, unmerge_ssf
 
         task = None if name is None else self._get(name)
         if name == self._active:
@@ -240,6 +245,7 @@ class TaskBank:
         merged = [layer for layer in lora_layers(net).values() if layer.merged]
         for layer in merged:
             layer.unmerge()
+        folded = unmerge_ssf(net)
         try:
             self._restore(net)
             if task is not None:
@@ -247,6 +253,8 @@ class TaskBank:
         finally:
             for layer in merged:
                 layer.merge()
+            if folded:
+                merge_ssf(net)
 
     def _set_head(self, net: nn.Module, head: nn.Module, class_names: list[str] | None) -> None:
         parent_name, _, leaf = self._head_name.rpartition(".")
@@ -299,9 +307,10 @@ class TaskBank:
     def merge(self, name: str | None = None) -> nn.Module:
         """A deep copy of the network with task ``name`` (default: the active one) baked in, in eval mode.
 
-        LoRA / QLoRA layers are merged and unloaded (plain ``nn.Linear``/``nn.Conv2d``, float, original
-        module names): zero inference overhead, ready for ONNX export. Sparse, BitFit, norm, last-k and full
-        deltas already live in the weights. Adapters and prompts cannot be merged: their modules stay.
+        LoRA / QLoRA / DoRA layers are merged and unloaded and SSF is folded into its layers (plain
+        ``nn.Linear``/``nn.Conv2d``, float, original module names): zero inference overhead, ready for ONNX
+        export. Sparse, BitFit, norm, last-k and full deltas already live in the weights. Adapters and prompts
+        cannot be merged: their modules stay.
 
         Args:
             name: a task, or ``None`` for the active task (or the base).
@@ -313,7 +322,7 @@ class TaskBank:
             >>> export = bank.merge("birds")                                          # doctest: +SKIP
             >>> torch.onnx.export(export, torch.zeros(1, 3, 224, 224), "birds.onnx")  # doctest: +SKIP
         """
-        from ..strategies.lora import lora_layers, merge_and_unload
+        from ..strategies.lora import merge_and_unload
 
         previous = self._active
         if name is not None and name != previous:
@@ -323,8 +332,7 @@ class TaskBank:
         finally:
             if name is not None and name != previous:
                 self.use_task(previous)
-        if lora_layers(out):
-            merge_and_unload(out)
+        merge_and_unload(out)  # LoRA / DoRA / SSF baked in; a no-op for the other strategies
         return out.eval()
 
 

@@ -239,8 +239,10 @@ def _hash(t: torch.Tensor) -> str:
 def merged_base_weights(net: nn.Module) -> set[str]:
     """Base tensors a merged LoRA / folded layer has changed in place: not hashed, not compared."""
     from ..strategies.lora import lora_layers
+    from ..strategies.ssf import merged_ssf_tensors
 
-    return {f"{n}.base_layer.weight" for n, layer in lora_layers(net).items() if layer.merged}
+    lora = {f"{n}.base_layer.weight" for n, layer in lora_layers(net).items() if layer.merged}
+    return lora | merged_ssf_tensors(net)
 
 
 def base_tensor_hashes(net: nn.Module, skip: set[str]) -> dict[str, str]:

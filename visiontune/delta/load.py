@@ -205,6 +205,7 @@ def load_delta(
         ['a', 'b', 'c']
     """
     from ..strategies.lora import lora_layers
+    from ..strategies.ssf import merge_ssf, unmerge_ssf
 
     info = delta_info(model)
     tensors, meta = delta_from_file(path)
@@ -212,9 +213,12 @@ def load_delta(
     merged = [layer for layer in lora_layers(info.net).values() if layer.merged]
     for layer in merged:
         layer.unmerge()
+    ssf_folded = unmerge_ssf(info.net)
     _write_into(info.net, tensors, layout)
     for layer in merged:
         layer.merge()
+    if ssf_folded:
+        merge_ssf(info.net)
     if info.module is not None and meta.get("class_names"):
         set_class_names(info.module, list(meta["class_names"]))
     return meta

@@ -49,6 +49,7 @@ from torch import nn
 from .base import StrategyConfig, StrategyError, register_strategy
 from .lora_layers import LORA_INITS, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
 from .lora_options import check_lora_options, lora_alpha, lora_scaling, regex_list
+from .ssf import merge_ssf, unload_ssf, unmerge_ssf
 from .quant import SUPPORTED_BITS, QuantizedBase, QuantizedConv2d, QuantizedLinear, conv_is_supported
 
 __all__ = [
@@ -347,10 +348,11 @@ def apply_qlora(model: nn.Module, cfg: QLoRAConfig) -> None:
 
 # ------------------------------------------------------------------------------------ merge/export
 def merge(model: nn.Module, safe: bool = False) -> int:
-    """Merge every LoRA delta into its base weight (idempotent); returns the number of layers merged.
+    """Merge every LoRA (and DoRA) delta into its base weight and fold every SSF scale/shift into its layer
+    (idempotent); returns the number of layers merged.
 
     Args:
-        model: a model with LoRA layers (float base; a qlora model raises, use :func:`merge_and_unload`).
+        model: a model with LoRA / DoRA / SSF layers (float base; qlora raises, use :func:`merge_and_unload`).
         safe: check every merged weight is finite first; on failure raise naming the layer and leave the
             whole model unchanged.
 
@@ -362,13 +364,14 @@ def merge(model: nn.Module, safe: bool = False) -> int:
     todo = [m for m in lora_layers(model).values() if not m.merged]
     for layer in todo:  # check all before touching any
         layer._check_mergeable(safe)
+    folded = merge_ssf(model, safe)  # checks all SSF layers before folding any
     for layer in todo:
         layer.merge()
-    return len(todo)
+    return len(todo) + folded
 
 
 def unmerge(model: nn.Module) -> int:
-    """Subtract every merged LoRA delta again; returns the number of layers unmerged.
+    """Subtract every merged LoRA delta again (and unfold SSF); returns the number of layers unmerged.
 
     Args:
         model: a model whose LoRA layers were merged with :func:`merge`.
@@ -381,11 +384,12 @@ def unmerge(model: nn.Module) -> int:
     todo = [m for m in lora_layers(model).values() if m.merged]
     for layer in todo:
         layer.unmerge()
-    return len(todo)
+    return len(todo) + unmerge_ssf(model)
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Replace every LoRA wrapper by a plain layer with the delta baked in (qlora: dequantised, float).
+    """Replace every LoRA wrapper by a plain layer with the delta baked in (qlora: dequantised, float); fold
+    SSF scales/shifts into their layers and remove the SSF modules.
 
     The result has the original module names (``...qkv.weight``) and no ``lora_*`` parameters: the form
     to export. The merged weights stay frozen.
@@ -404,6 +408,7 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     for name, layer in lora_layers(model).items():
         parent, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(parent), leaf, layer.merged_module())
+    unload_ssf(model)
     delta = getattr(model, "visiontune_delta", None)
     if delta is not None:  # the recorded task delta must only name parameters that still exist
         present = {n for n, _ in model.named_parameters()}
