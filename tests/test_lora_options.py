@@ -210,3 +210,8 @@ def test_lr_ratio_gives_lora_b_its_multiple_in_the_param_groups() -> None:
         for n in g["names"]:
             assert g["lr"] == pytest.approx(1e-3 * scales[n] * (16.0 if n.endswith("lora_B") else 1.0), rel=1e-12)
             assert g["initial_lr_scale"] == pytest.approx(g["lr"] / 1e-3, rel=1e-12)
+    plain = tiny_model("vit")
+    apply_strategy(plain, "dora", {"rank": 4, "lr_ratio": 4.0})  # the LoRA family shares the option
+    lrs = {n: g["lr"] for g in param_groups(plain, 1e-3, 0.0) for n in g["names"]}
+    assert {lr for n, lr in lrs.items() if n.endswith("lora_B")} == {4e-3}
+    assert {lr for n, lr in lrs.items() if n.endswith(("lora_A", "lora_magnitude"))} == {1e-3}

@@ -80,6 +80,15 @@ def _adapter_count(net: nn.Module, kind: str) -> int:
     return sum(2 * c * max(1, c // 16) + max(1, c // 16) + c for c in dims)
 
 
+def _dora_magnitudes(net: nn.Module, kind: str) -> int:
+    """One magnitude per output channel of every layer LoRA targets (a fused qkv: all 3·d rows)."""
+    head = net.get_classifier()
+    if kind == "vit":
+        return sum(m.out_features for m in net.modules() if isinstance(m, nn.Linear) and m is not head)
+    return sum(m.out_channels for m in net.modules()
+               if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1)
+
+
 def _ssf_count(net: nn.Module) -> int:
     """A scale and a shift per output channel of every Linear, Conv2d, LayerNorm and BatchNorm2d but the head."""
     head = net.get_classifier()
@@ -115,6 +124,8 @@ def expected_trainable(net: nn.Module, strategy: str, opts: dict[str, Any], kind
         return head + _numel(net, lambda n, p: id(p) in ids)
     if strategy in ("lora", "qlora"):
         return head + _lora_count(net, opts["rank"], kind)
+    if strategy == "dora":
+        return head + _lora_count(net, opts["rank"], kind) + _dora_magnitudes(net, kind)
     if strategy == "ssf":
         return head + _ssf_count(net)
     if strategy == "adapter":
@@ -136,12 +147,12 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "lora": {"rank": 4, "init": "gaussian"},
     "qlora": {"rank": 4, "init": "gaussian", "bits": 4},
     "adapter": {}, "vpt": {"length": 4, "deep": True}, "sparse": {"fraction": 0.05},
-    "ssf": {},
+    "dora": {"rank": 4, "init": "gaussian"}, "ssf": {},
 }
 EXPECTED_ERRORS: dict[tuple[str, str], tuple[type[Exception], str]] = {
     ("vpt", "cnn"): (StrategyError, "strategy 'vpt' does not fit EfficientNet"),
 }
-MERGEABLE = {"lora", "qlora", "ssf"}
+MERGEABLE = {"lora", "qlora", "dora", "ssf"}
 
 
 @dataclass
@@ -238,7 +249,7 @@ class StrategyTester:
         x = _x(2)
         with torch.no_grad():
             want = net(x)
-            if self.case.strategy in ("lora", "ssf"):
+            if self.case.strategy in ("lora", "dora", "ssf"):
                 assert merge(net, safe=True) > 0
                 torch.testing.assert_close(net(x), want, atol=1e-5, rtol=1e-4)
                 assert unmerge(net) > 0

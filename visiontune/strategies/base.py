@@ -74,7 +74,7 @@ class Strategy:
 
 _REGISTRY: dict[str, Strategy] = {}
 # Modules of visiontune.strategies that define built-in strategies; imported the first time the registry is read.
-_BUILTIN_MODULES = ("freeze", "lora", "ssf", "adapter", "prompt", "sparse")
+_BUILTIN_MODULES = ("freeze", "lora", "dora", "ssf", "adapter", "prompt", "sparse")
 _loaded = False
 
 
