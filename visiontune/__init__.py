@@ -41,7 +41,7 @@ _EXPORTS: dict[str, str] = {
     "LoRAConfig": "strategies.lora", "QLoRAConfig": "strategies.lora", "merge": "strategies.lora",
     "unmerge": "strategies.lora", "merge_and_unload": "strategies.lora",
     "AdapterConfig": "strategies.adapter", "VPTConfig": "strategies.prompt",
-    "SparseConfig": "strategies.sparse",
+    "SparseConfig": "strategies.sparse", "SSFConfig": "strategies.ssf", "DoRAConfig": "strategies.dora",
     # semi-supervision and new classes
     "FixMatchConfig": "objectives.semisup", "expand_classes": "models.heads",
     "ClassExpansionConfig": "objectives.classes", "split_accuracy": "objectives.classes",
