@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -255,3 +256,79 @@ def test_new_accuracy_at_refuses_unreachable_targets_and_bad_shapes():
         new_accuracy_at(logits, torch.tensor([0, 0, 2]), old_classes=3, acc_old=0.5)
     with pytest.raises(ValueError, match=r"acc_old must be in \[0, 1\]"):
         new_accuracy_at(logits, torch.tensor([0, 0, 2]), old_classes=2, acc_old=1.5)
+
+
+def _post_relu_task(seed: int = 0):
+    """Non-negative features (a shared component + a class-specific one), 3 old and 2 new classes, and an
+    old head fitted on the old classes: the situation of a fine-tuned CNN's pooled features."""
+    g = torch.Generator().manual_seed(seed)
+    d, n = 32, 40
+    protos = torch.rand(5, d, generator=g) * (torch.rand(5, d, generator=g) < 0.3)
+    shared = torch.full((d,), 1.0)
+
+    def draw(c: int, k: int) -> torch.Tensor:
+        return (shared + 2 * protos[c] + 0.3 * torch.randn(k, d, generator=g)).clamp(min=0)
+
+    old_x = torch.cat([draw(c, n) for c in range(3)])
+    old_y = torch.arange(3).repeat_interleave(n)
+    head = nn.Linear(d, 3)
+    opt = torch.optim.LBFGS(head.parameters(), max_iter=200)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(head(old_x), old_y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    support = torch.cat([draw(3, 5), draw(4, 5)])
+    support_y = torch.tensor([0] * 5 + [1] * 5)
+    test_x = torch.cat([draw(c, 20) for c in range(5)])
+    test_y = torch.arange(5).repeat_interleave(20)
+    return head, old_x, support, support_y, test_x, test_y
+
+
+def test_calibrated_new_rows_keep_old_classes_where_imprinting_takes_them():
+    """Imprinted rows point along the class mean, which on non-negative features scores every image high;
+    the rows fitted against the fixed old rows on old-class anchors keep old images old and still learn
+    the new classes (the real-photo failure: old-class accuracy 0.899 -> 0.000 at imprinting)."""
+    from visiontune.models.heads import calibrate_new_rows
+
+    head, anchors, support, support_y, test_x, test_y = _post_relu_task()
+
+    def split(w, b):
+        pred = (test_x @ torch.cat([head.weight, w]).T + torch.cat([head.bias, b])).argmax(1)
+        old, new = test_y < 3, test_y >= 3
+        return (pred[old] == test_y[old]).float().mean().item(), (pred[new] == test_y[new]).float().mean().item()
+
+    with torch.no_grad():
+        w0, b0 = imprint_weights(support, support_y, 2, reference_head=head)
+        anchor_y = head(anchors).argmax(1)
+        old_imprinted, _ = split(w0, b0)
+        w, b = calibrate_new_rows(support, support_y + 3, anchors, anchor_y, old_weight=head.weight,
+                                  old_bias=head.bias, init_weight=w0, init_bias=b0)
+        old_cal, new_cal = split(w, b)
+    assert old_imprinted < 0.5, old_imprinted  # the failure this fixes is there
+    assert old_cal >= 0.95 and new_cal >= 0.9, (old_cal, new_cal)
+    assert w.shape == w0.shape and b.shape == b0.shape and w.dtype == w0.dtype
+
+
+def test_expand_classes_with_anchors_uses_only_confident_old_images():
+    """``anchors`` go through the model; only those the old head is confident about calibrate the rows,
+    and old rows stay bit-identical."""
+    model = timm.create_model("resnet18", num_classes=3, pretrained=False).eval()
+    old_w = model.get_classifier().weight.detach().clone()
+    torch.manual_seed(0)
+    support = (torch.randn(4, 3, 32, 32), torch.tensor([0, 0, 1, 1]))
+    plain = copy.deepcopy(model)
+    expand_classes(plain, ["d", "e"], support, old_class_names=["a", "b", "c"])
+    # threshold 0.99: a random-init head is confident about nothing, so calibration is skipped
+    skipped = copy.deepcopy(model)
+    expand_classes(skipped, ["d", "e"], support, old_class_names=["a", "b", "c"], anchors=torch.randn(6, 3, 32, 32),
+                   anchor_threshold=0.99)
+    assert torch.equal(skipped.get_classifier().weight, plain.get_classifier().weight)
+    used = copy.deepcopy(model)
+    expand_classes(used, ["d", "e"], support, old_class_names=["a", "b", "c"], anchors=torch.randn(6, 3, 32, 32),
+                   anchor_threshold=0.01)
+    assert not torch.equal(used.get_classifier().weight[3:], plain.get_classifier().weight[3:])
+    assert torch.equal(used.get_classifier().weight[:3], old_w)

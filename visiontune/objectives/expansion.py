@@ -216,13 +216,14 @@ class ClassExpansion:
         self.new_class_names = order[len(old):]
         if module.net is None:
             support = self._support(module, dm, order) if self.new_class_names else None
+            anchors = self._anchors(module, dm) if self.new_class_names else None
             module.class_names = list(order)
 
             def grow(net: nn.Module) -> int:
                 self._load_old(module, net)
                 self.old_model = self._freeze_copy(net)  # LwF targets, old-class anchoring of pseudo-labels
                 if self.new_class_names:
-                    expand_classes(net, self.new_class_names, support, old_class_names=old)
+                    expand_classes(net, self.new_class_names, support, old_class_names=old, anchors=anchors)
                 return len(order)
 
             module._build(len(old), None, prepare=grow)
@@ -253,7 +254,6 @@ class ClassExpansion:
     def _support(self, module: "ClassifierModel", dm: Any, order: list[str]) -> tuple[Tensor, Tensor]:
         """The labeled new-class images (eval transform) and their indices into the new classes."""
         from ..data.sources import DataError
-        from ..data.transforms import eval_transform
 
         ds = getattr(dm, "train_set", None)
         if ds is None:
@@ -264,13 +264,30 @@ class ClassExpansion:
         empty = [order[i] for i in range(n_old, len(order)) if counts[i] == 0]
         if empty:
             raise DataError([f"new class {n!r} has no labeled training images" for n in empty], "data.train")
-        res = getattr(dm, "resolved", None) or {}
-        size = int(res.get("image_size") or module.data_config["input_size"][-1])
-        cfg = module.data_config
-        t = eval_transform(size, res.get("mean") or cfg["mean"], res.get("std") or cfg["std"])
+        t = self._eval_transform(module, dm)
         idx = np.flatnonzero(labels >= n_old)
         images = torch.stack([t(image=ds.load(int(i)))["image"] for i in idx])
         return images, torch.as_tensor(labels[idx] - n_old)
+
+    @staticmethod
+    def _eval_transform(module: "ClassifierModel", dm: Any) -> Any:
+        """The evaluation transform at the data's resolution and normalisation (the model's by default)."""
+        from ..data.transforms import eval_transform
+
+        res = getattr(dm, "resolved", None) or {}
+        size = int(res.get("image_size") or module.data_config["input_size"][-1])
+        cfg = module.data_config
+        return eval_transform(size, res.get("mean") or cfg["mean"], res.get("std") or cfg["std"])
+
+    def _anchors(self, module: "ClassifierModel", dm: Any, limit: int = 512) -> Tensor | None:
+        """Up to ``limit`` unlabeled images (eval transform, a fixed random subset) to calibrate the new
+        head rows against (:func:`visiontune.models.heads.calibrate_new_rows`); None without a pool."""
+        ds = getattr(dm, "unlabeled_set", None)
+        if ds is None or not len(ds):
+            return None
+        t = self._eval_transform(module, dm)
+        idx = np.random.default_rng(0).permutation(len(ds))[:limit]
+        return torch.stack([t(image=ds.load(int(i)))["image"] for i in idx])
 
     def state_dict(self) -> dict[str, Any]:
         """What evaluation needs without the ``init_from`` file: the old and new class names."""
