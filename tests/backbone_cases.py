@@ -74,14 +74,6 @@ def options(strategy: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ causes
 # Each broken cell names one of these: what breaks, and where (the first failure of the cell).
-CAUSE_HEAD_NORM = (
-    "head with several modules (NormLinear = BatchNorm1d + Linear; MetaFormer MlpHead): save_delta's class "
-    "count takes every head parameter's first dim ('the head has [3, C] outputs'): delta/format.py:write_delta"
-)
-CAUSE_TUPLE_HEAD_LORA = (
-    "get_classifier() is a tuple (head, head_dist): LoRA wraps both heads (lora.py:_candidates excludes only a "
-    "single-module head); lora_A then counts as head ('[2, 3] outputs'): delta/format.py:write_delta"
-)
 CAUSE_WEIGHT_READ = (
     "wrapped Linear whose .weight is read directly (Eva/BEiT attention: F.linear(x, self.qkv.weight, ...); "
     "ConViT GPSA.get_rel_indices: self.qk.weight): LoRA/DoRA wrappers (strategies/lora_layers.py) have no .weight"
@@ -186,16 +178,14 @@ CASES: list[Case] = [
     Case("lcnet", "lcnet_050", {}, refuses=CNN),
     Case("vovnet", "ese_vovnet19b_slim_dw", {}, refuses=CNN),
     Case("starnet", "starnet_s050", {}, refuses=CNN),
-    Case("repvit", "repvit_m0_9", {"depth": (1, 1, 1, 1), "embed_dim": (16, 32, 64, 128)}, refuses=CNN,
-         broken=_all(CAUSE_HEAD_NORM, but=("vpt",))),
+    Case("repvit", "repvit_m0_9", {"depth": (1, 1, 1, 1), "embed_dim": (16, 32, 64, 128)}, refuses=CNN),
     Case("fastvit", "fastvit_t8", {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128)}, refuses=CNN),
     Case("mobilevit", "mobilevit_xxs", {}, size=64, refuses=CNN),
     Case("edgenext", "edgenext_xx_small", {"depths": (1, 1, 1, 1)}, refuses=CNN),
     Case("mambaout", "test_mambaout", {}, refuses=CNN, broken={"adapter": CAUSE_ADAPTER_NHWC}),
     # ---- ViT-style transformers
     Case("vit", "vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
-    Case("deit-distilled", "deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2},
-         broken=_each(LORA_FAMILY, CAUSE_TUPLE_HEAD_LORA)),
+    Case("deit-distilled", "deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
     Case("eva02", "eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, size=28, refuses=_r("vpt"),
          broken=_each(LORA_FAMILY, CAUSE_WEIGHT_READ)),
     Case("beit", "beit_base_patch16_224",
@@ -207,7 +197,7 @@ CASES: list[Case] = [
     Case("convit", "convit_tiny", {"img_size": 32, "patch_size": 8, "depth": 2, "local_up_to_layer": 1},
          refuses=_r("vpt"), broken=_each(LORA_FAMILY, CAUSE_WEIGHT_READ)),
     Case("pit-distilled", "pit_ti_distilled_224", {"img_size": 32, "depth": [1, 1, 1], "base_dims": [16, 16, 16]},
-         refuses=_r("vpt"), broken={**_each(LORA_FAMILY, CAUSE_TUPLE_HEAD_LORA), "last_k": CAUSE_GROUP_MATCHER}),
+         refuses=_r("vpt"), broken={"last_k": CAUSE_GROUP_MATCHER}),
     # ---- hierarchical transformers, hybrids, MLPs
     Case("swin", "swin_tiny_patch4_window7_224",
          {"img_size": 32, "window_size": 4, "embed_dim": 16, "depths": (1, 1, 1, 1), "num_heads": (1, 1, 2, 2)},
@@ -215,9 +205,7 @@ CASES: list[Case] = [
     Case("pvt_v2", "pvt_v2_b0", {"depths": (1, 1, 1, 1)}, refuses=_r("vpt")),
     Case("coat", "coat_lite_tiny", {"img_size": 32, "serial_depths": [1, 1, 1, 1], "embed_dims": [16, 32, 64, 64]},
          refuses=_r("vpt", "adapter"), broken=_each(("bitfit", "full", "sparse", "ssf"), CAUSE_TIED)),
-    Case("levit", "levit_128s", {"img_size": 32}, refuses=_r("vpt"),
-         broken={**_all(CAUSE_HEAD_NORM, but=("vpt",)),
-                 **_each(LORA_FAMILY, f"{CAUSE_HEAD_NORM} (and: {CAUSE_TUPLE_HEAD_LORA})")}),
+    Case("levit", "levit_128s", {"img_size": 32}, refuses=_r("vpt")),
     Case("hiera", "hiera_tiny_224", {"img_size": 64, "embed_dim": 16, "stages": (1, 1, 1, 1)}, size=64,
          refuses=_r("vpt")),
     Case("davit", "davit_tiny", {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128), "num_heads": (1, 1, 2, 2)},
@@ -242,8 +230,7 @@ CASES: list[Case] = [
     Case("gmlp", "gmlp_ti16_224", {"img_size": 32}, nightly=True, refuses=_r("vpt", "adapter")),
     Case("poolformer", "poolformer_s12", {}, nightly=True, refuses=CNN, broken={"last_k": CAUSE_GROUP_MATCHER}),
     Case("caformer", "caformer_s18", {}, nightly=True, refuses=_r("vpt"),
-         broken={**_all(CAUSE_HEAD_NORM, but=("vpt",)), "adapter": CAUSE_ADAPTER_MESSAGE,
-                 "last_k": CAUSE_GROUP_MATCHER, "ssf": CAUSE_SSF_CHANNEL_DIM}),
+         broken={"adapter": CAUSE_ADAPTER_MESSAGE, "last_k": CAUSE_GROUP_MATCHER, "ssf": CAUSE_SSF_CHANNEL_DIM}),
     Case("twins", "twins_svt_small", {"img_size": 32, "depths": (1, 1, 1, 1)}, nightly=True, refuses=_r("vpt")),
     Case("efficientvit-mit", "efficientvit_b0", {}, nightly=True, refuses=CNN),
     Case("efficientvit-msra", "efficientvit_m0", {"img_size": 64}, size=64, nightly=True, refuses=_r("vpt")),

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models.heads import ClassifierHead, HeadError, find_head, set_module
 from .format import (
     DeltaError,
     applied_strategy,
@@ -50,28 +51,34 @@ class _Task:
     dense: dict[str, torch.Tensor]
     sparse: dict[str, tuple[torch.Tensor, torch.Tensor]]
     stats: dict[str, torch.Tensor]
-    head: nn.Module
+    head: dict[str, nn.Module]  # head module path -> the task's copy of it
     class_names: list[str]
 
 
-def _head_module_name(net: nn.Module) -> str:
-    head = net.get_classifier() if hasattr(net, "get_classifier") else None
-    if not isinstance(head, nn.Module) or not any(True for _ in head.parameters()):
+def _base_head(net: nn.Module) -> ClassifierHead:
+    try:
+        head = find_head(net)
+    except HeadError as exc:
+        raise DeltaError(str(exc)) from None
+    if not head.parameter_names or not head.outputs:
         raise DeltaError(f"{type(net).__name__} has no classification head with parameters (get_classifier())")
-    for name, m in net.named_modules():
-        if m is head:
-            return name
-    raise DeltaError(f"the head of {type(net).__name__} is not one of its sub-modules")  # pragma: no cover
+    return head
 
 
 def _task_head(base_head: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of the base head module holding the task's head tensors (any class count)."""
+    """A copy of the base head module holding the task's head tensors (any class count), and the running
+    statistics of its BatchNorm layers where the delta holds them (LeViT's NormLinear)."""
     head = copy.deepcopy(base_head)
     for pname, p in list(head.named_parameters()):
         owner_name, _, leaf = pname.rpartition(".")
         owner = head.get_submodule(owner_name) if owner_name else head
         t = tensors[f"{prefix}.{pname}"].to(device=p.device, dtype=p.dtype).clone()
         setattr(owner, leaf, nn.Parameter(t, requires_grad=p.requires_grad))
+    with torch.no_grad():
+        for bname, b in head.named_buffers():
+            t = tensors.get(f"{prefix}.{bname}")
+            if t is not None and t.shape == b.shape:
+                b.copy_(t)
     for m in head.modules():
         if isinstance(m, nn.Linear):
             m.out_features, m.in_features = m.weight.shape
@@ -115,8 +122,8 @@ class TaskBank:
         if unmerge_ssf(info.net):
             warnings.warn("TaskBank: unfolding the model's merged SSF layers (tasks swap unfolded vectors)",
                           stacklevel=2)
-        self._head_name = _head_module_name(info.net)
-        self._base_head = info.net.get_submodule(self._head_name)
+        self._head = _base_head(info.net)
+        self._base_head = dict(zip(self._head.paths, self._head.modules))
         self._base_classes = list(info.module.class_names) if info.module is not None else None
         self.check_base = check_base
         self._hashes: dict[str, str] | None = None
@@ -208,9 +215,11 @@ class TaskBank:
                       tensors[n + ".sparse_values"].to(device=params[n].device, dtype=params[n].dtype))
                   for n in layout.sparse}
         buffers = dict(net.named_buffers())
-        stats = {n: tensors[n].to(device=buffers[n].device, dtype=buffers[n].dtype) for n in layout.stats}
-        task_head = _task_head(self._base_head, self._head_name, tensors)
-        n_out = next(p for p in task_head.parameters()).shape[0]
+        in_head = set(self._head.state_names)  # the head's statistics travel with the task's head copy
+        stats = {n: tensors[n].to(device=buffers[n].device, dtype=buffers[n].dtype) for n in layout.stats
+                 if n not in in_head}
+        task_head = {path: _task_head(m, path, tensors) for path, m in self._base_head.items()}
+        n_out = int(tensors[self._head.output_parameter_names[0]].shape[0])
         names = [str(c) for c in (meta.get("class_names") or range(n_out))]
         self._tasks[name] = _Task(name, meta, dense, sparse, stats, task_head, names)
         return meta
@@ -256,12 +265,10 @@ class TaskBank:
             if folded:
                 merge_ssf(net)
 
-    def _set_head(self, net: nn.Module, head: nn.Module, class_names: list[str] | None) -> None:
-        parent_name, _, leaf = self._head_name.rpartition(".")
-        setattr(net.get_submodule(parent_name) if parent_name else net, leaf, head)
-        n_out = next(p for p in head.parameters()).shape[0]
-        if hasattr(net, "num_classes"):
-            net.num_classes = n_out
+    def _set_head(self, net: nn.Module, head: dict[str, nn.Module], class_names: list[str] | None) -> None:
+        for path, module in head.items():
+            set_module(net, path, module)
+        self._head.set_num_classes(net, find_head(net).num_classes)
         model = self.model
         if is_transfer_classifier(model) and class_names is not None:
             set_class_names(model, class_names)

@@ -45,7 +45,8 @@ from torch import nn
 from .. import __version__
 from ..errors import UserError
 from ..io import atomic_save_safetensors
-from ..strategies.base import delta_parameter_names, head_parameter_names, strategy_name
+from ..models.heads import HeadError, find_head
+from ..strategies.base import delta_parameter_names, strategy_name
 
 __all__ = [
     "FORMAT",
@@ -185,7 +186,8 @@ class DeltaLayout:
     dense: dict[str, torch.Size]     # parameter name -> shape (incl. head)
     sparse: dict[str, torch.Size]    # masked parameter name -> shape
     stats: dict[str, torch.Size]     # BatchNorm buffer name -> shape
-    head: list[str]
+    head: list[str]                  # every head parameter
+    outputs: list[str] = field(default_factory=list)  # the head's output-layer parameters: dim 0 = classes
 
     def keys(self) -> dict[str, torch.Size | None]:
         out: dict[str, torch.Size | None] = dict(self.dense)
@@ -224,7 +226,11 @@ def delta_layout(net: nn.Module, bn: str) -> DeltaLayout:
                 t = getattr(m, b, None)
                 if isinstance(t, torch.Tensor):
                     stats[prefix + b] = t.shape
-    return DeltaLayout(dense, sparse, stats, head_parameter_names(net))
+    try:
+        head = find_head(net)
+    except HeadError as exc:
+        raise DeltaError(str(exc)) from None
+    return DeltaLayout(dense, sparse, stats, list(head.parameter_names), list(head.output_parameter_names))
 
 
 def _hash(t: torch.Tensor) -> str:
@@ -280,7 +286,7 @@ def write_delta(info: DeltaInfo, path: str | os.PathLike) -> Path:
     if not info.backbone:
         raise DeltaError("save_delta: pass backbone='<timm model name>' for a net without pretrained_cfg")
     layout = delta_layout(net, info.bn)
-    head_out = {p.shape[0] for n, p in net.named_parameters() if n in layout.head and p.ndim >= 1}
+    head_out = {p.shape[0] for n, p in net.named_parameters() if n in layout.outputs and p.ndim >= 1}
     if head_out and head_out != {len(info.class_names)}:
         raise DeltaError(
             f"save_delta: {len(info.class_names)} class names given but the head has {sorted(head_out)} outputs"

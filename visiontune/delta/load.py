@@ -75,7 +75,7 @@ def _check_tensors(net: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Ma
     expected = layout.keys()
     params = dict(net.named_parameters())
     head_ok = allow_head_mismatch
-    for n in layout.head:
+    for n in layout.outputs:  # the output layers' rows are the classes; the rest of the head has fixed shapes
         t = tensors.get(n)
         if allow_head_mismatch and t is not None and t.shape[1:] != params[n].shape[1:]:
             problems.append(f"head {n!r}: delta {tuple(t.shape)} vs model {tuple(params[n].shape)} (input size)")
@@ -95,7 +95,7 @@ def _check_tensors(net: nn.Module, tensors: Mapping[str, torch.Tensor], meta: Ma
     shapes = [
         f"{k}: delta {tuple(tensors[k].shape)} vs model {tuple(s)}"
         for k, s in expected.items()
-        if s is not None and k in tensors and tensors[k].shape != s and not (head_ok and k in layout.head)
+        if s is not None and k in tensors and tensors[k].shape != s and not (head_ok and k in layout.outputs)
     ]
     for n, s in layout.sparse.items():
         idx, val = tensors.get(n + ".sparse_indices"), tensors.get(n + ".sparse_values")

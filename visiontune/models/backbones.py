@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from .heads import cfg_classifier_names, find_head
 
 __all__ = [
     "BackboneError",
@@ -97,10 +98,8 @@ def create_backbone(
     elif kind == "file":
         path = Path(weights)  # type: ignore[arg-type]
         load_weights(model, load_state_dict_file(path), source=str(path), name=name)
-    if num_classes is not None:
-        head = model.get_classifier()
-        if not isinstance(head, nn.Linear) or head.out_features != num_classes:
-            model.reset_classifier(num_classes)
+    if num_classes is not None and find_head(model).num_classes != num_classes:
+        model.reset_classifier(num_classes)
     return model
 
 
@@ -186,9 +185,8 @@ def load_weights(
 
 
 def _head_prefixes(model: nn.Module) -> tuple[str, ...]:
-    names = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
-    if isinstance(names, str):
-        names = (names,)
+    """State-dict prefixes of the head (its modules and timm's classifier names): what a new task resizes."""
+    names = dict.fromkeys((*find_head(model, missing_ok=True).paths, *cfg_classifier_names(model)))
     return tuple(n + "." for n in names)
 
 

@@ -13,6 +13,7 @@ from timm.models import group_parameters
 from torch import nn
 
 from ..errors import ConfigError
+from .heads import find_head
 
 __all__ = ["GroupError", "depth_groups"]
 
@@ -45,10 +46,8 @@ def depth_groups(
         >>> len(groups), groups[-1]
         (6, ['fc.weight', 'fc.bias'])
     """
-    from ..strategies.base import head_parameter_names
-
     names = [n for n, _ in model.named_parameters()]
-    head = head_parameter_names(model)
+    head = list(find_head(model).parameter_names)
     head_set = set(head)
     body = [n for n in names if n not in head_set]
     if patterns:

@@ -1,10 +1,17 @@
-"""Growing a classifier head: new output rows for new classes, the old rows bit-identical.
+"""The classification head of any timm model, and growing it for new classes.
 
-* :func:`expand_head` grows an ``nn.Linear`` head by ``num_new`` rows; old rows stay bit-identical,
-  so old-class logits are unchanged until training moves them.
-* :func:`imprint_weights` initialises the new rows from a few support images ("weight
-  imprinting", Qi et al., 2018), and :func:`expand_classes` does the whole thing in place on a timm
-  model.
+* :func:`find_head` gives the :class:`ClassifierHead` of a timm model: the modules ``get_classifier()``
+  returns (one ``nn.Linear``; one module of several parts, such as LeViT/RepViT's ``NormLinear`` =
+  BatchNorm1d + Linear or MetaFormer's ``MlpHead``; or a tuple of heads, such as DeiT's distillation pair
+  ``(head, head_dist)``), their paths and parameter names, and the *output* layers whose rows are the
+  classes (timm's ``pretrained_cfg['classifier']`` names where they resolve, else each head module's last
+  Linear). Every part of visiontune that needs "the head" asks it: strategies (the head always trains and is
+  never wrapped), deltas (the class count), the task bank (one head per task), the feature cache.
+* :func:`expand_head` grows an ``nn.Linear`` by ``num_new`` rows; old rows stay bit-identical, so old-class
+  logits are unchanged until training moves them.
+* :func:`expand_classes` does it in place on a timm model: every output layer grows, its new rows
+  imprinted from a few support images (:func:`~visiontune.models.imprint.imprint_weights`, re-exported
+  here with :func:`~visiontune.models.imprint.calibrate_new_rows`).
 
 Keeping the old classes while training on the new ones (distillation, frozen rows, split accuracy) is in
 :mod:`visiontune.objectives.classes`, which re-exports these functions. New classes are appended: class index
@@ -21,13 +28,152 @@ Example:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["expand_classes", "expand_head", "imprint_weights"]
+from ..errors import UserError
+from .imprint import calibrate_new_rows, imprint_weights
+
+__all__ = ["ClassifierHead", "HeadError", "calibrate_new_rows", "cfg_classifier_names", "expand_classes",
+           "expand_head", "find_head", "imprint_weights", "set_module"]
+
+
+class HeadError(UserError, ValueError):
+    """A model whose classification head cannot be found, or whose output layers disagree on the class count."""
+
+
+def cfg_classifier_names(model: nn.Module) -> list[str]:
+    """timm's ``pretrained_cfg['classifier']``: one name or a tuple of names (``('head', 'head_dist')``)."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    name = cfg.get("classifier") if isinstance(cfg, dict) else None
+    return [name] if isinstance(name, str) else [n for n in (name or ()) if isinstance(n, str)]
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _is_output(m: nn.Module) -> bool:
+    return isinstance(m, (nn.Linear, nn.Conv2d))
+
+
+@dataclass(frozen=True)
+class ClassifierHead:
+    """The classification head of a timm model (from :func:`find_head`), however many modules it has.
+
+    Attributes:
+        paths: module paths of the head modules (``("fc",)``, ``("head", "head_dist")``, ``("head.fc",)``).
+        modules: those modules.
+        outputs: module paths of the output layers (``nn.Linear``, or a 1×1 ``nn.Conv2d``) whose rows are the
+            classes: ``("head.linear", "head_dist.linear")`` for LeViT, ``("head.fc.fc2",)`` for CAFormer.
+        output_layers: those layers.
+        parameter_names: names (in ``model.named_parameters()``) of every head parameter.
+        output_parameter_names: those of the output layers (their dim 0 is the class count).
+        state_names: ``model.state_dict()`` names of the head's parameters and buffers.
+
+    Example:
+        >>> import timm
+        >>> h = find_head(timm.create_model("deit_tiny_distilled_patch16_224", img_size=32, num_classes=3))
+        >>> h.paths, h.outputs, h.num_classes
+        (('head', 'head_dist'), ('head', 'head_dist'), 3)
+    """
+
+    paths: tuple[str, ...]
+    modules: tuple[nn.Module, ...]
+    outputs: tuple[str, ...]
+    output_layers: tuple[nn.Module, ...]
+    parameter_names: tuple[str, ...]
+    output_parameter_names: tuple[str, ...]
+    state_names: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int | None:
+        """The class count (rows of every output layer); None for a head without outputs (``num_classes=0``)."""
+        counts = sorted({int(layer.weight.shape[0]) for layer in self.output_layers})
+        if len(counts) > 1:
+            raise HeadError(f"the head's output layers {list(self.outputs)} disagree on the class count: {counts}")
+        return counts[0] if counts else None
+
+    @property
+    def module_ids(self) -> frozenset[int]:
+        """``id()`` of every module inside the head (what strategies never wrap or hook)."""
+        return frozenset(id(m) for h in self.modules for m in h.modules())
+
+    def set_num_classes(self, model: nn.Module, n: int) -> None:
+        """Set ``num_classes`` to ``n`` on the model and on every module on the way to an output layer."""
+        owners = {id(model): model}
+        for path in self.outputs:
+            parts = path.split(".")
+            for i in range(1, len(parts)):
+                m = model.get_submodule(".".join(parts[:i]))
+                owners[id(m)] = m
+        for owner in owners.values():
+            if isinstance(getattr(owner, "num_classes", None), int):
+                owner.num_classes = n
+
+
+def find_head(model: nn.Module, *, missing_ok: bool = False) -> ClassifierHead:
+    """The :class:`ClassifierHead` of a timm model (``get_classifier()``, a module or a tuple of modules).
+
+    Args:
+        model: a timm model.
+        missing_ok: a model without ``get_classifier()`` has an empty head instead of raising.
+
+    Raises:
+        HeadError: no ``get_classifier()`` (unless ``missing_ok``), or a head module that is not a sub-module.
+
+    Example:
+        >>> import timm
+        >>> h = find_head(timm.create_model("levit_128s", img_size=32, num_classes=3))
+        >>> h.paths, h.outputs, len(h.parameter_names)
+        (('head', 'head_dist'), ('head.linear', 'head_dist.linear'), 8)
+    """
+    get = getattr(model, "get_classifier", None)
+    if not callable(get):
+        if missing_ok:
+            return ClassifierHead((), (), (), (), (), (), ())
+        raise HeadError(f"{type(model).__name__} has no get_classifier(): not a timm classifier")
+    found = get()
+    mods = tuple(m for m in (found if isinstance(found, (tuple, list)) else (found,)) if isinstance(m, nn.Module))
+    cfg_names = cfg_classifier_names(model)
+    by_id = {id(m): name for name, m in model.named_modules() if name}
+    by_id.update({id(m): n for n in reversed(cfg_names) if (m := _submodule(model, n)) is not None})
+    missing = [type(m).__name__ for m in mods if id(m) not in by_id]
+    if missing:
+        raise HeadError(f"the classifier of {type(model).__name__} ({', '.join(missing)}) is not one of its modules")
+    paths = tuple(by_id[id(m)] for m in mods)
+    outputs: list[str] = []
+    for path, m in zip(paths, mods):
+        inside = {id(x): f"{path}.{sub}" if sub else path for sub, x in m.named_modules()}
+        hits = [inside[id(x)] for n in cfg_names if (x := _submodule(model, n)) is not None
+                and id(x) in inside and _is_output(x)]
+        if not hits:  # each head module's last Linear (MlpHead: fc2; NormLinear: linear)
+            hits = [inside[id(x)] for x in m.modules() if _is_output(x)][-1:]
+        outputs += [h for h in hits if h not in outputs]
+    layers = tuple(model.get_submodule(o) for o in outputs)
+    ids = {id(p) for m in mods for p in m.parameters()}
+    out_ids = {id(p) for layer in layers for p in layer.parameters()}
+    state_ids = ids | {id(b) for m in mods for b in m.buffers()}
+    return ClassifierHead(
+        paths=paths, modules=mods, outputs=tuple(outputs), output_layers=layers,
+        parameter_names=tuple(n for n, p in model.named_parameters() if id(p) in ids),
+        output_parameter_names=tuple(n for n, p in model.named_parameters() if id(p) in out_ids),
+        state_names=tuple(n for n, t in model.state_dict(keep_vars=True).items() if id(t) in state_ids),
+    )
+
+
+def set_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
+    """Put ``module`` at the dotted ``path`` of ``model``; returns its parent."""
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, attr, module)
+    return parent
 
 
 def expand_head(
@@ -89,100 +235,29 @@ def expand_head(
 
 
 @torch.no_grad()
-def imprint_weights(
-    features: Tensor, labels: Tensor, num_new: int, *, reference_head: nn.Linear
-) -> tuple[Tensor, Tensor | None]:
-    """Head rows for new classes from support features ("weight imprinting").
+def _output_inputs(model: nn.Module, head: ClassifierHead, images: Tensor,
+                   batch_size: int) -> tuple[list[Tensor], Tensor]:
+    """What each output layer reads (``(N, D)`` per layer) and the model's logits, on ``images`` in eval mode
+    (the model's train/eval mode is restored). One forward serves every output (DeiT: the class and the
+    distillation token; LeViT: the BatchNorm1d's output)."""
+    seen: list[list[Tensor]] = [[] for _ in head.output_layers]
 
-    Row j is the direction of class j's mean embedding: the mean of the L2-normalised support
-    features of class j, L2-normalised again (Qi et al.; normalising each feature first makes every
-    support image count equally, whatever its activation norm). Imprinting assumes a cosine
-    classifier; a timm head is a plain ``w . f + b``, whose logit scale grows with ``|w|``. A
-    unit-norm row would give new classes logits far smaller (or larger) than the old classes', so
-    they could never win (or would always win); rescaling it to the mean norm of the existing rows
-    puts new and old logits on the same scale. The new bias is the mean old bias, so new classes
-    start with no systematic advantage or handicap.
+    def hook(i: int):
+        def fn(module: nn.Module, args: tuple) -> None:
+            seen[i].append(args[0].detach().flatten(1))
+        return fn
 
-    Args:
-        features: ``(N, D)`` pre-logit features of the support images.
-        labels: ``(N,)`` indices into the new classes, in ``[0, num_new)``.
-        num_new: number of new classes; each needs at least one support feature.
-        reference_head: the existing head (``in_features == D``), for the norm and bias.
-
-    Returns:
-        ``(weight (num_new, D), bias (num_new,) or None)`` on the head's device and dtype.
-
-    Example:
-        >>> head = nn.Linear(2, 3)
-        >>> w, b = imprint_weights(torch.tensor([[3.0, 0.0], [0.0, 2.0]]), torch.tensor([0, 1]), 2,
-        ...                        reference_head=head)
-        >>> torch.allclose(w.norm(dim=1), head.weight.norm(dim=1).mean().expand(2))
-        True
-    """
-    if features.ndim != 2 or features.shape[1] != reference_head.in_features:
-        raise ValueError(
-            f"features must be (N, {reference_head.in_features}) to match the head; got {tuple(features.shape)}"
-        )
-    labels = torch.as_tensor(labels).long().to(features.device)
-    if labels.shape != (features.shape[0],):
-        raise ValueError(f"labels must be ({features.shape[0]},); got {tuple(labels.shape)}")
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_new):
-        raise ValueError(
-            f"labels index the new classes and must lie in [0, {num_new}); got min {int(labels.min())}, "
-            f"max {int(labels.max())} (subtract the number of old classes from full-list labels)"
-        )
-    counts = torch.bincount(labels, minlength=num_new)
-    empty = (counts == 0).nonzero().flatten().tolist()
-    if empty:
-        raise ValueError(f"new classes {empty} have no support features: imprinting needs at least one each")
-    f = F.normalize(features.float(), dim=1)
-    sums = torch.zeros(num_new, f.shape[1], device=f.device).index_add_(0, labels, f)
-    direction = F.normalize(sums / counts[:, None].float(), dim=1)
-    ref_w = reference_head.weight.detach()
-    scale = ref_w.float().norm(dim=1).mean().to(f.device)
-    weight = (direction * scale).to(device=ref_w.device, dtype=ref_w.dtype)
-    bias = None
-    if reference_head.bias is not None:
-        b = reference_head.bias.detach()
-        bias = b.mean().expand(num_new).clone()
-    return weight, bias
-
-
-def _head_path(model: nn.Module, head: nn.Module) -> str:
-    """Dotted attribute path of ``head`` inside ``model`` (timm's classifier name, else by identity)."""
-    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
-    name = cfg.get("classifier") if isinstance(cfg, dict) else None
-    candidates = [name] if isinstance(name, str) else list(name or [])
-    modules = dict(model.named_modules())
-    for cand in candidates:
-        if modules.get(cand) is head:
-            return cand
-    for path, mod in modules.items():
-        if mod is head and path:
-            return path
-    raise ValueError(f"cannot find the classifier returned by get_classifier() among {type(model).__name__}'s modules")
-
-
-def _set_module(model: nn.Module, path: str, module: nn.Module) -> nn.Module:
-    parent_path, _, attr = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, attr, module)
-    return parent
-
-
-@torch.no_grad()
-def _support_features(model: nn.Module, images: Tensor, batch_size: int) -> Tensor:
+    handles = [layer.register_forward_pre_hook(hook(i)) for i, layer in enumerate(head.output_layers)]
     was_training = model.training
     model.eval()
     try:
         device = next(model.parameters()).device
-        feats = []
-        for i in range(0, images.shape[0], batch_size):
-            x = images[i : i + batch_size].to(device)
-            feats.append(model.forward_head(model.forward_features(x), pre_logits=True).flatten(1))
-        return torch.cat(feats)
+        logits = [model(images[i : i + batch_size].to(device)) for i in range(0, images.shape[0], batch_size)]
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
+    return [torch.cat(s) for s in seen], torch.cat(logits)
 
 
 def _checked_support(support: tuple[Tensor, Tensor], old: list[str], new: list[str]) -> tuple[Tensor, Tensor]:
@@ -202,58 +277,50 @@ def _checked_support(support: tuple[Tensor, Tensor], old: list[str], new: list[s
     return images, labels
 
 
-def calibrate_new_rows(
-    features: Tensor, labels: Tensor, anchor_features: Tensor, anchor_labels: Tensor, *,
-    old_weight: Tensor, old_bias: Tensor | None, init_weight: Tensor, init_bias: Tensor | None,
-    reg: float = 1e-3, max_iter: int = 100,
-) -> tuple[Tensor, Tensor | None]:
-    """New head rows fitted against the fixed old rows (class-balanced logistic regression, L-BFGS).
+def _new_rows(model: nn.Module, head: ClassifierHead, old: list[str], new: list[str],
+              support: tuple[Tensor, Tensor] | None, anchors: Tensor | None, anchor_threshold: float,
+              batch_size: int) -> list[tuple[Tensor, Tensor | None]]:
+    """``(weight, bias)`` of the new rows of every output layer (imprinted, calibrated, or neutral)."""
+    layers = head.output_layers
+    if support is None:  # zero rows with the mean old bias: neutral logits, left to training
+        return [(torch.zeros(len(new), layer.in_features),
+                 None if layer.bias is None else layer.bias.detach().mean().expand(len(new)).clone())
+                for layer in layers]
+    images, labels = _checked_support(support, old, new)
+    feats, _ = _output_inputs(model, head, images, batch_size)
+    rows = [imprint_weights(f, labels, len(new), reference_head=layer) for f, layer in zip(feats, layers)]
+    if anchors is None or not len(anchors):
+        return rows
+    anchor_feats, logits = _output_inputs(model, head, anchors, batch_size)
+    conf, pred = logits.float().softmax(1).max(1)
+    keep = conf >= anchor_threshold
+    if not keep.any():
+        return rows
+    return [calibrate_new_rows(f, labels + len(old), af[keep.to(af.device)], pred[keep].to(af.device),
+                               old_weight=layer.weight.detach(),
+                               old_bias=None if layer.bias is None else layer.bias.detach(),
+                               init_weight=w, init_bias=b)
+            for f, af, layer, (w, b) in zip(feats, anchor_feats, layers, rows)]
 
-    The new rows (and biases) minimise the cross-entropy over *all* classes, old rows fixed, on the
-    support features (``labels``: full-list indices of the new classes) and on anchor features of old
-    classes (``anchor_labels``: old indices), each class weighted by the inverse of its count, plus
-    ``reg * |W_new|^2``. Starts from ``init_weight`` / ``init_bias`` (the imprinted rows).
 
-    Args:
-        features: ``(N, D)`` support features; labels ``(N,)`` in ``[num_old, num_old + num_new)``.
-        anchor_features: ``(M, D)`` features standing for old classes; anchor_labels ``(M,)`` in ``[0, num_old)``.
-        old_weight: ``(num_old, D)`` fixed rows; old_bias: ``(num_old,)`` or None.
-        init_weight: ``(num_new, D)`` starting rows; init_bias: ``(num_new,)`` or None (no bias).
-        reg: L2 weight on the new rows.
-        max_iter: L-BFGS iterations.
-
-    Returns:
-        ``(weight, bias)`` of the new rows, in ``init_weight``'s dtype.
-
-    Example:
-        >>> w, b = calibrate_new_rows(torch.tensor([[0., 2.]]), torch.tensor([1]), torch.tensor([[2., 0.]]),
-        ...                           torch.tensor([0]), old_weight=torch.tensor([[1., 0.]]),
-        ...                           old_bias=torch.zeros(1), init_weight=torch.zeros(1, 2), init_bias=torch.zeros(1))
-        >>> bool(w[0, 1] > w[0, 0]), bool(torch.tensor([0., 2.]) @ w[0] + b[0] > 0)
-        (True, True)
-    """
-    x = torch.cat([features, anchor_features]).float()
-    y = torch.cat([labels, anchor_labels]).long().to(x.device)
-    num = old_weight.shape[0] + init_weight.shape[0]
-    weights = 1.0 / torch.bincount(y, minlength=num).float().clamp(min=1)[y]
-    ow = old_weight.float()
-    ob = None if old_bias is None else old_bias.float()
-    w = init_weight.detach().float().clone().requires_grad_(True)
-    b = None if init_bias is None else init_bias.detach().float().clone().requires_grad_(True)
-    opt = torch.optim.LBFGS([w] + ([b] if b is not None else []), max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure() -> Tensor:
-        opt.zero_grad()
-        logits = x @ torch.cat([ow, w]).T
-        if b is not None:
-            logits = logits + torch.cat([ob, b])
-        loss = (F.cross_entropy(logits, y, reduction="none") * weights).sum() / weights.sum() + reg * (w**2).sum()
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    return w.detach().to(init_weight.dtype), None if b is None else b.detach().to(init_bias.dtype)
+def _checked_names(model: nn.Module, head: ClassifierHead, old: list[str], new: list[str]) -> None:
+    if not new:
+        raise ValueError("new_class_names is empty: nothing to add")
+    if not head.output_layers:
+        raise TypeError(f"expand_classes: {type(model).__name__} has no output layer to grow (no classifier)")
+    bad = [f"{path!r} ({type(layer).__name__})" for path, layer in zip(head.outputs, head.output_layers)
+           if not isinstance(layer, nn.Linear)]
+    if bad:
+        raise TypeError(f"expand_classes needs an nn.Linear classifier; {type(model).__name__} has the output "
+                        f"layer(s) {', '.join(bad)}: grow it by hand or reset_classifier()")
+    if len(old) != head.num_classes:
+        raise ValueError(f"old_class_names has {len(old)} names but the classifier has {head.num_classes} outputs")
+    dup_new = sorted({n for n in new if new.count(n) > 1})
+    if dup_new:
+        raise ValueError(f"new_class_names repeats {dup_new}")
+    clash = [n for n in new if n in set(old)]
+    if clash:
+        raise ValueError(f"new class names already exist among the old classes: {clash}")
 
 
 def expand_classes(
@@ -268,13 +335,15 @@ def expand_classes(
 ) -> list[str]:
     """Add classes to a timm classifier in place, imprinting their rows from support images.
 
-    The head (``model.get_classifier()``, an ``nn.Linear``) is replaced by a larger one whose
-    first ``len(old_class_names)`` rows are bit-identical to the old ones. With ``support``, new
-    rows come from :func:`imprint_weights` on features computed in eval mode under ``no_grad``
-    (``forward_features`` then ``forward_head(pre_logits=True)``; the model's train/eval mode is
-    restored). Without support, new rows start at zero with the mean old bias (neutral logits,
-    left to training). ``model.num_classes`` (and the head's parent's) is updated. The head is a
-    new module: build the optimizer (and any EMA teacher) after calling this.
+    Every output layer of the head (:func:`find_head`: one ``nn.Linear``, or several, as DeiT's
+    ``(head, head_dist)`` or LeViT's two ``NormLinear`` heads) is replaced by a larger ``nn.Linear`` whose
+    first ``len(old_class_names)`` rows are bit-identical to the old ones; the rest of the head (LeViT's
+    BatchNorm1d, MetaFormer's ``MlpHead`` hidden layer) is unchanged. With ``support``, each output layer's new
+    rows come from :func:`imprint_weights` on what that layer reads (computed in eval mode under ``no_grad``;
+    the model's train/eval mode is restored). Without support, new rows start at zero with the mean old bias
+    (neutral logits, left to training). ``model.num_classes`` (and the heads' parents') is updated. The head is
+    a new module: build the optimizer (and any EMA teacher) after calling this. An output layer that is not an
+    ``nn.Linear`` (DLA's 1×1 conv) is refused (``TypeError``) before anything changes.
 
     Args:
         model: a timm classification model with a Linear classifier.
@@ -302,41 +371,10 @@ def expand_classes(
         ['crow', 'gull', 'wren']
     """
     old, new = list(old_class_names), list(new_class_names)
-    if not new:
-        raise ValueError("new_class_names is empty: nothing to add")
-    head = model.get_classifier()
-    if not isinstance(head, nn.Linear):
-        raise TypeError(f"expand_classes needs an nn.Linear classifier; {type(model).__name__} has {type(head).__name__}")
-    if len(old) != head.out_features:
-        raise ValueError(
-            f"old_class_names has {len(old)} names but the classifier has {head.out_features} outputs"
-        )
-    dup_new = sorted({n for n in new if new.count(n) > 1})
-    if dup_new:
-        raise ValueError(f"new_class_names repeats {dup_new}")
-    clash = [n for n in new if n in set(old)]
-    if clash:
-        raise ValueError(f"new class names already exist among the old classes: {clash}")
-    if support is not None:
-        images, labels = _checked_support(support, old, new)
-        feats = _support_features(model, images, batch_size)
-        weight, bias = imprint_weights(feats, labels, len(new), reference_head=head)
-        if anchors is not None and len(anchors):
-            af = _support_features(model, anchors, batch_size)
-            with torch.no_grad():
-                conf, pred = head(af.to(head.weight.dtype)).softmax(1).max(1)
-            keep = conf >= anchor_threshold
-            if keep.any():
-                weight, bias = calibrate_new_rows(
-                    feats, labels + len(old), af[keep], pred[keep], old_weight=head.weight.detach(),
-                    old_bias=None if head.bias is None else head.bias.detach(), init_weight=weight, init_bias=bias)
-    else:
-        weight = torch.zeros(len(new), head.in_features)
-        bias = head.bias.detach().mean().expand(len(new)).clone() if head.bias is not None else None
-    path = _head_path(model, head)
-    new_head = expand_head(head, len(new), init_weights=weight, init_bias=bias)
-    parent = _set_module(model, path, new_head)
-    for owner in {id(model): model, id(parent): parent}.values():
-        if isinstance(getattr(owner, "num_classes", None), int):
-            owner.num_classes = head.out_features + len(new)
+    head = find_head(model)
+    _checked_names(model, head, old, new)
+    rows = _new_rows(model, head, old, new, support, anchors, anchor_threshold, batch_size)
+    for path, layer, (weight, bias) in zip(head.outputs, head.output_layers, rows):
+        set_module(model, path, expand_head(layer, len(new), init_weights=weight, init_bias=bias))
+    head.set_num_classes(model, len(old) + len(new))
     return old + new

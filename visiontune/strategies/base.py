@@ -28,6 +28,7 @@ from typing import Any, Callable, ClassVar, Mapping
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.heads import HeadError, find_head
 
 __all__ = [
     "Strategy",
@@ -56,9 +57,12 @@ class StrategyConfig:
     ``default_lr`` (a class attribute, not an option) is the AdamW peak learning rate the strategy trains
     with when ``model.lr`` is ``None``: a linear probe or LoRA wants a far larger LR than full
     fine-tuning, so each strategy declares its own next to its config (values in BENCHMARKS.md).
+    ``mergeable`` (a class attribute too): :func:`visiontune.merge_and_unload` bakes what the strategy trained
+    into plain layers of the base (zero inference overhead); ``visiontune strategies`` shows both.
     """
 
     default_lr: ClassVar[float] = 1e-3
+    mergeable: ClassVar[bool] = False
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -158,13 +162,13 @@ def strategy_name(cfg: StrategyConfig) -> str:
 
 
 def head_parameter_names(model: nn.Module) -> list[str]:
-    """Names (in ``model.named_parameters()``) of the classification head's parameters."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    if head is None:
-        raise StrategyError(f"{type(model).__name__} has no get_classifier(): not a timm classifier")
-    heads = head if isinstance(head, (tuple, list)) else (head,)  # distilled models: (head, head_dist)
-    head_ids = {id(p) for h in heads for p in h.parameters()}
-    return [n for n, p in model.named_parameters() if id(p) in head_ids]
+    """Names (in ``model.named_parameters()``) of the classification head's parameters: every module of
+    :func:`~visiontune.models.heads.find_head` (distilled models: ``head`` and ``head_dist``; LeViT: their
+    BatchNorm1d and Linear)."""
+    try:
+        return list(find_head(model).parameter_names)
+    except HeadError as exc:
+        raise StrategyError(str(exc)) from None
 
 
 def apply_strategy(

@@ -40,6 +40,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 from torch.utils.data import Dataset
 
+from ..models.heads import find_head
+
 __all__ = [
     "FeatureCache",
     "FeatureDataset",
@@ -63,12 +65,6 @@ def clear_memory_cache() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- keys
-def _head_names(net: nn.Module) -> set[str]:
-    head = net.get_classifier()
-    ids = {id(t) for t in head.parameters()} | {id(t) for t in head.buffers()}
-    return {n for n, t in net.state_dict(keep_vars=True).items() if id(t) in ids}
-
-
 def fingerprint_weights(net: nn.Module) -> str:
     """SHA-256 over the names, shapes, dtypes and bytes of every state-dict tensor outside the head.
 
@@ -82,7 +78,7 @@ def fingerprint_weights(net: nn.Module) -> str:
         True
     """
     h = hashlib.sha256()
-    skip = _head_names(net)
+    skip = set(find_head(net).state_names)
     for name, t in net.state_dict().items():
         if name in skip:
             continue
@@ -158,8 +154,8 @@ def frozen_prefix_problems(net: nn.Module, bn_policy: str = "frozen", image_size
         'parameters outside the head tr'
     """
     problems: list[str] = []
-    head_params = {id(p) for p in net.get_classifier().parameters()}
-    training = [n for n, p in net.named_parameters() if p.requires_grad and id(p) not in head_params]
+    head_params = set(find_head(net).parameter_names)
+    training = [n for n, p in net.named_parameters() if p.requires_grad and n not in head_params]
     if training:
         problems.append(f"parameters outside the head train ({len(training)}, e.g. {training[0]!r}): "
                         "use strategy 'linear'")

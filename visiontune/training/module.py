@@ -20,6 +20,7 @@ from torch import nn
 from .. import __version__
 from ..errors import ConfigError
 from ..models.backbones import BackboneError, create_backbone, data_config
+from ..models.heads import find_head
 from ..objectives.classes import ClassExpansionConfig
 from ..objectives.expansion import ClassExpansion, as_expansion_config
 from ..objectives.fixmatch import FixMatchState, as_fixmatch_config
@@ -426,7 +427,7 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         return merge_task(self, name)
 
     def _rebuild_metrics(self) -> None:
-        n = self.net.get_classifier().out_features
+        n = find_head(self.net).num_classes
         if n != self.metrics["val"]["acc"].num_classes:
             self.metrics = make_metrics(n)
 
