@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .main import TOOLS, cli_class, load_tool, main, register_tool, strategies_main  # noqa: F401  (re-exported)
+from .main import TOOLS, cli_class, load_tool, main, register_tool  # noqa: F401  (re-exported)
 
 __all__ = ["main", "VisionTuneCLI", "TOOLS", "cli_class", "load_tool", "register_tool"]
 

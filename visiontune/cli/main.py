@@ -5,7 +5,7 @@
     visiontune fit --config configs/quickstart.yaml --print_config > my.yaml
     visiontune predict --ckpt_path runs/.../checkpoints/last.ckpt --data.predict photos/
     visiontune predict --delta runs/.../checkpoints/delta.safetensors --data.predict photos/
-    visiontune strategies
+    visiontune strategies              # the strategies; visiontune strategies lora: its options
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ TOOLS: dict[str, Union[str, Tool]] = {
     "compare": "visiontune.comparison.api:compare_main",
     "lr_find": "visiontune.schedule.tuning:lr_find_main",
     "schedule": "visiontune.schedule.tuning:schedule_main",
-    "strategies": "visiontune.cli.main:strategies_main",
+    "strategies": "visiontune.cli.strategies:strategies_main",
 }
 
 
@@ -50,15 +50,6 @@ def register_tool(name: str) -> Callable[[Tool], Tool]:
         return fn
 
     return deco
-
-
-def strategies_main(argv: Sequence[str]) -> int:
-    """``visiontune strategies``: every registered strategy with its one-line description."""
-    from ..strategies import available_strategies, get_strategy
-
-    for name in available_strategies():
-        print(f"{name:10s} {get_strategy(name).description}")
-    return 0
 
 
 def cli_class():

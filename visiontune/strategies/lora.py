@@ -104,6 +104,7 @@ class LoRAConfig(StrategyConfig):
     """
 
     default_lr: ClassVar[float] = 3e-3  # AdamW peak LR when model.lr is None (see StrategyConfig)
+    mergeable: ClassVar[bool] = True  # merge / merge_and_unload (qlora: merge_and_unload, dequantised)
 
     rank: int = 8
     alpha: float = 16.0

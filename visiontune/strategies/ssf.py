@@ -69,6 +69,7 @@ class SSFConfig(StrategyConfig):
     """
 
     default_lr: ClassVar[float] = 5e-3  # AdamW peak LR when model.lr is None (as norm tuning; see StrategyConfig)
+    mergeable: ClassVar[bool] = True  # folded into the layer before (merge / merge_and_unload)
 
     ops: list[str] = field(default_factory=lambda: list(DEFAULT_OPS))
     targets: list[str] | None = None
