@@ -159,3 +159,21 @@ def test_feature_cache_fingerprint_skips_every_head_module():
     with torch.no_grad():
         net.stem.conv1.c.weight.add_(1.0)
     assert fingerprint_weights(net) != ref
+
+
+@pytest.mark.parametrize("strategy", ["lora", "qlora", "dora", "ssf"])
+@pytest.mark.parametrize("make", [deit, repvit], ids=["deit-pair", "repvit-normlinear-pair"])
+def test_no_module_of_the_head_is_wrapped_or_hooked(make, strategy):
+    """get_classifier() as a tuple (DeiT head, head_dist) or one module of several parts (RepViT): LoRA, QLoRA,
+    DoRA and SSF leave every head module alone; the head trains in full, as plain layers."""
+    net = make()
+    head = find_head(net)
+    plain = [type(m) for m in head.output_layers]
+    apply_strategy(net, strategy, {"rank": 2} if strategy != "ssf" else None)
+    after = find_head(net)
+    assert [type(m) for m in after.output_layers] == plain == [nn.Linear, nn.Linear]
+    assert after.parameter_names == head.parameter_names  # no lora_A / ssf.scale inside the head
+    for m in after.modules:
+        for sub in m.modules():
+            assert not hasattr(sub, "ssf") and not sub._forward_hooks
+    assert all(p.requires_grad for n, p in net.named_parameters() if n in set(after.parameter_names))

@@ -39,7 +39,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from typing import ClassVar
 from dataclasses import dataclass
@@ -49,6 +48,7 @@ from torch import nn
 from .base import StrategyConfig, StrategyError, register_strategy
 from .lora_layers import LORA_INITS, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
 from .lora_options import check_lora_options, lora_alpha, lora_scaling, regex_list
+from .lora_select import lora_candidates, select_targets
 from .ssf import merge_ssf, unload_ssf, unmerge_ssf
 from .quant import SUPPORTED_BITS, QuantizedBase, QuantizedConv2d, QuantizedLinear, conv_is_supported
 
@@ -192,47 +192,12 @@ def lora_parameter_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B")]
 
 
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    head_ids = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
-    out: dict[str, nn.Module] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, LoRALayer):
-            raise StrategyError(f"{type(model).__name__} already has LoRA layers (e.g. {name!r}); apply LoRA once")
-        if isinstance(m, nn.MultiheadAttention):  # reads out_proj.weight directly: a wrapper would break it
-            head_ids.update(id(c) for c in m.modules())
-        if isinstance(m, (nn.Linear, nn.Conv2d)) and id(m) not in head_ids:
-            out[name] = m
-    return out
-
-
-def _wsize(m: nn.Module) -> int:
-    return m.weight.numel()
-
-
-def _preset(cands: dict[str, nn.Module]) -> list[str]:
-    linear = [n for n, m in cands.items() if isinstance(m, nn.Linear)]
-    convs = [n for n, m in cands.items() if isinstance(m, nn.Conv2d)]
-    if linear and sum(_wsize(cands[n]) for n in linear) >= sum(_wsize(cands[n]) for n in convs):
-        return linear  # ViT-style: attention qkv/proj + MLP fc1/fc2 (everything but the head)
-    stem = convs[:1]  # the first conv sees the image: few weights, little to gain
-    dense = [n for n in convs[1:] if cands[n].groups == 1 and conv_is_supported(cands[n])]
-    pointwise = [n for n in dense if tuple(cands[n].kernel_size) == (1, 1)]
-    if 3 * sum(_wsize(cands[n]) for n in pointwise) >= sum(_wsize(cands[n]) for n in dense):
-        return pointwise  # depthwise-separable / bottleneck nets: the 1×1 convs mix channels
-    return [n for n in dense if n not in stem]  # basic-block ResNets, VGG: dense k×k convs carry the weights
-
-
-def _sample(names: list[str]) -> str:
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    return f"{', '.join(names[:10])}{', ...' if len(names) > 10 else ''} (leaf names: {', '.join(leaves)})"
-
-
 def lora_targets(model: nn.Module, cfg: LoRAConfig | None = None) -> list[str]:
     """Names of the modules LoRA would wrap under ``cfg`` (preview; raises like :func:`inject_lora`).
 
     Args:
-        model: a timm model (the head, from ``get_classifier()``, is never a target).
+        model: a timm model (the head, every module of :func:`~visiontune.models.heads.find_head`, is never a
+            target).
         cfg: the options; ``None`` means defaults.
 
     Example:
@@ -242,27 +207,7 @@ def lora_targets(model: nn.Module, cfg: LoRAConfig | None = None) -> list[str]:
         ['layer1.0.conv1', 'layer1.0.conv3', 'layer1.0.downsample.0']
     """
     cfg = cfg or LoRAConfig()
-    cands = _candidates(model)
-    if cfg.targets is None:
-        names = _preset(cands)
-    else:
-        names = []
-        for pattern in cfg.targets:
-            hits = [n for n in cands if re.search(pattern, n)]
-            if not hits:
-                raise StrategyError(
-                    f"LoRA target {pattern!r} matches no Linear/Conv2d layer of {type(model).__name__} "
-                    f"(the head is never a target). Available layers ({len(cands)}): {_sample(list(cands))}"
-                )
-            names.extend(h for h in hits if h not in names)
-    if cfg.exclude:
-        names = [n for n in names if not any(re.search(p, n) for p in cfg.exclude)]
-    if not names:
-        raise StrategyError(
-            f"LoRA found no layer to adapt in {type(model).__name__} (after 'exclude'); set 'targets'. "
-            f"Available layers ({len(cands)}): {_sample(list(cands))}"
-        )
-    return names
+    return select_targets(model, cfg.targets, cfg.exclude, getattr(type(cfg), "strategy_name", "lora"))
 
 
 def _fit_rank(name: str, rank: int, weights: int, per_rank: int, capped: list[str]) -> int:
@@ -319,7 +264,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig | None = None) -> dict[str, Lo
     """
     cfg = cfg or LoRAConfig()
     bits = cfg.bits if isinstance(cfg, QLoRAConfig) else None
-    cands = _candidates(model)
+    cands = lora_candidates(model)
     capped: list[str] = []
     wrapped: dict[str, LoRALayer] = {}
     for name in lora_targets(model, cfg):

@@ -35,6 +35,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..models.heads import find_head
 from .base import StrategyConfig, StrategyError, register_strategy
 from .lora_options import regex_list
 
@@ -169,8 +170,7 @@ def ssf_targets(model: nn.Module, cfg: SSFConfig | None = None) -> list[str]:
         ['layer4.1.bn1', 'layer4.1.bn2']
     """
     cfg = cfg or SSFConfig()
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
-    skip = {id(m) for m in head.modules()} if isinstance(head, nn.Module) else set()
+    skip = set(find_head(model, missing_ok=True).module_ids)  # every head module (DeiT: head and head_dist)
     cands: list[str] = []
     for name, m in model.named_modules():
         if isinstance(m, SSF) or (isinstance(getattr(m, "ssf", None), SSF)):
