@@ -73,7 +73,7 @@ def test_every_problem_of_every_split_listed_exit_1(tmp_path):
 
 def test_labels_per_class_and_class_list(tmp_path):
     train = make_folder(tmp_path / "train", per_class=3)
-    code, text = _run("--data.train", str(train), "--data.labels_per_class", "3", "--data.classes", "red,green")
+    code, text = _run("--data.train", str(train), "--data.labels_per_class", "3", "--data.classes", "[red, green]")
     assert code == 1
     assert "label 'blue' is not in the class list ['red', 'green']" in text
     code, text = _run("--data.train", str(train), "--data.labels_per_class", "3")  # val split leaves 2 per class

@@ -464,7 +464,7 @@ def test_schedule_command_errors_and_cli_registration(capsys):
 
     assert cli.main(["schedule", "--model.backbone", "no_such_net"]) == 2
     assert "unknown timm model 'no_such_net'" in capsys.readouterr().err
-    assert {"schedule", "lr_find"} <= set(cli.TOOLS)
+    assert {"schedule", "lr-find"} <= set(cli.TOOLS) and cli.DEPRECATED_TOOLS == {"lr_find": "lr-find"}
     # the tools' modules must not import lightning (``visiontune --help`` imports none of them)
     code = "import sys, visiontune.cli as c; [c.load_tool(n) for n in c.TOOLS]; print('lightning' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

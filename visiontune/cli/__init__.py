@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .main import TOOLS, cli_class, load_tool, main, register_tool  # noqa: F401  (re-exported)
+from .main import DEPRECATED_TOOLS, TOOLS, cli_class, load_tool, main, register_tool  # noqa: F401  (re-exported)
 
-__all__ = ["main", "VisionTuneCLI", "TOOLS", "cli_class", "load_tool", "register_tool"]
+__all__ = ["main", "VisionTuneCLI", "DEPRECATED_TOOLS", "TOOLS", "cli_class", "load_tool", "register_tool"]
 
 
 def __getattr__(name: str) -> Any:

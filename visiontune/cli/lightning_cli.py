@@ -3,8 +3,11 @@ loads this module only when a LightningCLI sub-command runs, so ``visiontune --h
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-from collections.abc import Sequence
+import difflib
+import re
+from collections.abc import Iterable, Sequence
 from typing import Optional
 
 from lightning.pytorch.callbacks import RichProgressBar
@@ -17,7 +20,7 @@ from ..errors import ConfigError
 from ..training.module import TransferClassifier, weights_from_checkpoint
 from ..training.report import PredictionCSVWriter, RunReport
 
-__all__ = ["VisionTuneCLI"]
+__all__ = ["VisionTuneCLI", "config_error_message"]
 
 
 class VisionTuneCLI(LightningCLI):
@@ -44,6 +47,19 @@ class VisionTuneCLI(LightningCLI):
                 args=list(args) if args is not None else None,
                 run=run,
             )
+
+    def init_parser(self, **kwargs):  # type: ignore[override]
+        # a bad key or value raises (parse_arguments makes it one line; main() prints it, exit 2), no usage dump
+        kwargs.setdefault("exit_on_error", False)
+        return super().init_parser(**kwargs)
+
+    def parse_arguments(self, parser, args) -> None:  # type: ignore[override]
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError as exc:
+            parsers = [parser, *getattr(self, "_subcommand_parsers", {}).values()]
+            keys = {a.dest for p in parsers for a in p._actions if a.dest and a.dest != "help"}
+            raise ConfigError(config_error_message(str(exc), keys)) from None
 
     def add_arguments_to_parser(self, parser) -> None:  # type: ignore[override]
         from ..training.checkpoint import LatestCheckpoint  # ModelCheckpoint, but last.ckpt = the latest epoch
@@ -126,3 +142,29 @@ class VisionTuneCLI(LightningCLI):
             apply_delta_to_module(self.model, path)
 
     before_fit = before_validate = before_test = before_predict = _load_delta
+
+
+_UNKNOWN_KEY = (
+    re.compile(r"Group '(?P<group>[\w.]+)' does not accept (?:nested key|option) '(?P<key>[\w.]+)'"),
+    re.compile(r"Subcommand '\w+' does not accept (?:nested key|option) '(?P<key>[\w.]+)'"),
+    re.compile(r"(?:Option|Key) '(?P<key>[\w.]+)' is not accepted"),
+)
+
+
+def config_error_message(message: str, keys: Iterable[str] = ()) -> str:
+    """jsonargparse's error as one line; an unknown key (in the config file or on the command line) is named as
+    the dotted key, with the closest known one.
+
+    Example:
+        >>> config_error_message("Group 'model' does not accept option 'lrr'", ["model.lr", "data.train"])
+        "unknown key 'model.lrr' (did you mean 'model.lr'?)"
+        >>> config_error_message('Parser key "data.batch_size":\\n  Expected an int. Got value: x')
+        'Parser key "data.batch_size": Expected an int. Got value: x'
+    """
+    for pattern in _UNKNOWN_KEY:
+        m = pattern.search(message)
+        if m:
+            key = ".".join(filter(None, (m.groupdict().get("group"), m.group("key"))))
+            close = difflib.get_close_matches(key, sorted(keys), n=1, cutoff=0.75)
+            return f"unknown key {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Union
 
-__all__ = ["main", "VisionTuneCLI", "TOOLS", "cli_class", "load_tool", "register_tool"]
+__all__ = ["main", "VisionTuneCLI", "DEPRECATED_TOOLS", "TOOLS", "cli_class", "load_tool", "register_tool"]
 
 Tool = Callable[[Sequence[str]], int]
 
@@ -24,10 +24,13 @@ Tool = Callable[[Sequence[str]], int]
 TOOLS: dict[str, Union[str, Tool]] = {
     "check-data": "visiontune.data.checks:main",
     "compare": "visiontune.comparison.api:compare_main",
-    "lr_find": "visiontune.schedule.tuning:lr_find_main",
+    "lr-find": "visiontune.schedule.tuning:lr_find_main",
     "schedule": "visiontune.schedule.tuning:schedule_main",
     "strategies": "visiontune.cli.strategies:strategies_main",
 }
+# Tools' names are spelled with dashes (``check-data``, ``lr-find``). An old spelling still runs its tool, after one
+# deprecation line on stderr.
+DEPRECATED_TOOLS: dict[str, str] = {"lr_find": "lr-find"}
 
 
 def load_tool(name: str) -> Tool:
@@ -77,6 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from ..errors import ConfigError
 
+    if argv[0] in DEPRECATED_TOOLS:
+        print(f"visiontune {argv[0]} is deprecated: use visiontune {DEPRECATED_TOOLS[argv[0]]}", file=sys.stderr)
+        argv[0] = DEPRECATED_TOOLS[argv[0]]
     try:
         if argv[0] in TOOLS:
             return load_tool(argv[0])(argv[1:]) or 0

@@ -1,11 +1,15 @@
 """Compare strategies on your data in one command: same backbone, same split, same budget → a leaderboard.
 
     visiontune compare --config configs/compare.yaml
-    visiontune compare --config configs/compare.yaml --strategies linear,lora --seeds 0,1 --max_epochs 2
+    visiontune compare --config configs/compare.yaml --strategies linear,lora --seeds 0,1 --trainer.max_epochs 2
+    visiontune compare --config configs/finetune.yaml --data.train photos/    # any fit config
+
+The config is a ``visiontune fit`` config plus compare's own keys (``strategies``, ``seeds``, ``output``...),
+read by fit's parser: :mod:`visiontune.comparison.config` says what compare takes of it.
 
 Each strategy (default: linear, bitfit, last_k, lora, adapter, full; any registered strategy, with
 options) is trained on the same backbone, the same seeded split and batch order, and the same budget
-(``max_epochs``, and/or ``max_time`` seconds per run), for one or more seeds. Then the output folder holds:
+(``trainer.max_epochs``, and/or ``trainer.max_time`` per run), for one or more seeds. Then the output folder holds:
 
 * ``leaderboard.md`` / ``leaderboard.csv``: accuracy (mean ± std over seeds; the test split if there is
   one, else validation), macro-F1, trainable parameters, delta size on disk, peak memory, train time and
@@ -31,7 +35,6 @@ lives in :mod:`visiontune.comparison.run`, the leaderboard files in :mod:`vision
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -64,8 +67,6 @@ __all__ = [
 ]
 
 DEFAULT_STRATEGIES: tuple[str, ...] = ("linear", "bitfit", "last_k", "lora", "adapter", "full")
-CONFIG_KEYS = ("backbone", "weights", "data", "strategies", "seeds", "max_epochs", "max_time", "output", "model",
-               "trainer", "resume", "latency_repeats")
 
 
 # ------------------------------------------------------------------------------------------ strategies
@@ -361,65 +362,64 @@ def winner_fit_config(spec: Any, settings: Mapping[str, Any], row: Mapping[str, 
     return head + yaml.safe_dump(plain_settings({"model": model, "data": data, "trainer": trainer}, False), sort_keys=True)
 
 
-def load_compare_config(path: Union[str, Path]) -> dict[str, Any]:
-    """Read a compare YAML file and check its keys (unknown keys are named with the valid ones).
+def load_compare_config(path: Union[str, Path], *args: str) -> dict[str, Any]:
+    """:func:`compare`'s arguments from a config file (a ``visiontune fit`` config, plus compare's keys) and
+    command-line style overrides, read by ``fit``'s parser (:mod:`visiontune.comparison.config`); a bad key is a
+    :class:`~visiontune.errors.ConfigError` naming it.
 
     Example:
-        >>> cfg = load_compare_config("configs/compare.yaml")  # doctest: +SKIP
-        >>> sorted(cfg)[:3]  # doctest: +SKIP
-        ['backbone', 'data', 'max_epochs']
+        >>> cfg = load_compare_config("configs/compare.yaml", "--trainer.max_epochs", "1")  # doctest: +SKIP
+        >>> cfg["strategies"][1], cfg["max_epochs"]  # doctest: +SKIP
+        ('bitfit', 1)
     """
-    import yaml
+    from .config import compare_arguments
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"compare: config file not found: {path}")
-    cfg = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"compare: {path} must hold a mapping, got {type(cfg).__name__}")
-    unknown = sorted(set(cfg) - set(CONFIG_KEYS))
-    if unknown:
-        raise ValueError(f"compare: {path}: unknown key(s) {unknown}; valid keys: {', '.join(CONFIG_KEYS)}")
-    return cfg
+    kwargs = compare_arguments(["--config", str(path), *args])
+    kwargs.pop("dry_run")
+    return kwargs
 
 
-def compare_from_config(path: Union[str, Path], **overrides: Any) -> Comparison:
-    """Run :func:`compare` with the settings of a YAML file; keyword arguments override them.
+def compare_from_config(path: Union[str, Path], *args: str, **overrides: Any) -> Comparison:
+    """Run :func:`compare` with the settings of a config file (and command-line style ``args``); keyword arguments
+    of :func:`compare` override them.
 
     Example:
         >>> compare_from_config("configs/compare.yaml", max_epochs=1)  # doctest: +SKIP
     """
-    cfg = {**load_compare_config(path), **{k: v for k, v in overrides.items() if v is not None}}
-    data = cfg.pop("data", None)
-    if data is None:
-        raise ValueError(f"compare: {path} has no 'data' section")
-    return compare(data, cfg.pop("strategies", None), **cfg)
+    kwargs = {**load_compare_config(path, *args), **{k: v for k, v in overrides.items() if v is not None}}
+    return compare(kwargs.pop("data"), kwargs.pop("strategies"), **kwargs)
 
 
-def _int_list(text: str) -> list[int]:
-    return [int(s) for s in text.split(",") if s.strip()]
+def _print_plan(kwargs: Mapping[str, Any]) -> None:
+    """What ``compare(**kwargs)`` would run (after checking it as compare does), for ``--dry_run``."""
+    settings = {k: kwargs[k] for k in ("backbone", "weights", "seeds", "max_epochs", "max_time", "model", "trainer",
+                                       "latency_repeats")}
+    specs, seeds, checked = _checked_settings(kwargs["data"], kwargs["strategies"], **settings)
+    print(f"visiontune compare (dry run): {len(specs)} strategies x {len(seeds)} seed(s) = {len(specs) * len(seeds)} "
+          f"runs on {checked['backbone']} (weights {checked['weights']}), output {kwargs['output']}")
+    print("strategies: " + ", ".join(s.label for s in specs) + f"; seeds: {', '.join(map(str, seeds))}")
+    for key in ("data", "model", "trainer", "max_epochs", "max_time"):
+        print(f"{key}: {json.dumps(checked[key], default=str, sort_keys=True)}")
 
 
 def compare_main(argv: Sequence[str]) -> int:
-    """``visiontune compare --config FILE [--strategies a,b] [--seeds 0,1] [--max_epochs N] ...``."""
-    p = argparse.ArgumentParser(prog="visiontune compare",
-                                description="Compare transfer strategies on the same data, split and budget.")
-    p.add_argument("--config", required=True, help="compare YAML (see configs/compare.yaml)")
-    p.add_argument("--strategies", help="comma-separated names, replacing the config's list (no options)")
-    p.add_argument("--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--max_epochs", type=int)
-    p.add_argument("--max_time", type=float, help="seconds per run")
-    p.add_argument("--output")
-    p.add_argument("--no-resume", dest="resume", action="store_const", const=False,
-                   help="redo runs whose results exist")
-    args = p.parse_args(list(argv))
-    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()] if args.strategies else None
+    """``visiontune compare --config FIT.yaml [--strategies a,b] [--seeds 0,1] [--output DIR] [--model.* ...]``.
+
+    The config is a ``visiontune fit`` config (see :mod:`visiontune.comparison.config` for what compare takes of it
+    and its own keys). Returns 0, 1 when every run failed, 2 for a bad config (one line on stderr).
+    """
+    from ..errors import ConfigError
+    from .config import compare_arguments
+
+    argv = ["--resume=false" if a == "--no-resume" else a for a in argv]  # the old flag
     try:
-        result = compare_from_config(args.config, strategies=strategies, seeds=args.seeds,
-                                     max_epochs=args.max_epochs, max_time=args.max_time, output=args.output,
-                                     resume=args.resume)
+        kwargs = compare_arguments(argv)
+        if kwargs.pop("dry_run"):
+            _print_plan(kwargs)
+            return 0
+        result = compare(kwargs.pop("data"), kwargs.pop("strategies"), **kwargs)
     except (ValueError, FileNotFoundError) as exc:
-        print(f"visiontune compare: error: {exc}", file=sys.stderr)
+        what = "invalid configuration: " if isinstance(exc, ConfigError) else ""  # as main() prints it for fit
+        print(f"visiontune compare: error: {what}{exc}", file=sys.stderr)
         return 2
     return 1 if result.failures and not result.rows else 0
-

@@ -184,6 +184,17 @@ def _save_delta(model: Any, path: Path, bn_before: Mapping[str, Any]) -> Path:
     return atomic_save_safetensors(tensors, path, meta)
 
 
+def _callback(entry: Any) -> Any:
+    """A trainer callback: itself, or built from a config's ``{class_path, init_args}`` (a GradualUnfreeze
+    schedule, ...), a new one for every run."""
+    if not (isinstance(entry, Mapping) and "class_path" in entry):
+        return entry
+    import importlib
+
+    module, _, name = str(entry["class_path"]).rpartition(".")
+    return getattr(importlib.import_module(module), name)(**dict(entry.get("init_args") or {}))
+
+
 def fingerprint(settings: Mapping[str, Any]) -> str:
     """A short digest of a run's settings (file contents included): a stored result with the same one is reused."""
     return hashlib.sha256(json.dumps(plain_settings(settings, True), sort_keys=True).encode()).hexdigest()[:16]
@@ -222,7 +233,8 @@ def run_one(spec: StrategySpec, seed: int, settings: Mapping[str, Any], run_dir:
     }
     if settings["max_time"] is not None:
         trainer_args["max_time"] = {"seconds": float(settings["max_time"])}
-    trainer_args.update(settings["trainer"])
+    trainer_args.update({k: v for k, v in settings["trainer"].items() if k != "callbacks"})
+    trainer_args["callbacks"] += [_callback(c) for c in settings["trainer"].get("callbacks") or []]
     trainer = L.Trainer(**trainer_args)
     with _PeakMemory() as mem:
         start = time.perf_counter()

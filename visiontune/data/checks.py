@@ -1,19 +1,20 @@
 """``visiontune check-data``: validate a dataset before training — structure and every image — in one pass.
 
-    visiontune check-data --data.train data/train --data.val data/val
-    visiontune check-data --config configs/quickstart.yaml --json report.json
+    visiontune check-data --config configs/finetune.yaml --data.train photos/ --data.val val/
+    visiontune check-data --data.train data/train --data.val data/val --json report.json
 
-Checks, all reported together: every structural problem the datamodule would raise (empty class folders,
-CSV rows naming missing files or empty labels, labels outside ``--data.classes``, val/test classes that
-training lacks, classes with fewer images than ``--data.labels_per_class``), then every image file of every
-split decoded with :func:`visiontune.data.images.load_image` (truncated, empty, not an image, too large...).
-Prints images per class and split, then the problems. Exit code 0 when clean, 1 when anything is wrong,
-2 for bad arguments.
+It reads the config ``visiontune fit --config`` takes, through the same parser (:mod:`visiontune.cli.config`):
+the ``data:`` section and every ``--data.*`` override, spelled as for ``fit``; its own options are ``--json`` and
+``--workers``. Checks, all reported together: every structural problem the datamodule would raise (empty class
+folders, CSV rows naming missing files or empty labels, labels outside ``data.classes``, val/test classes that
+training lacks, classes with fewer images than ``data.labels_per_class``), then every image file of every split
+decoded with :func:`visiontune.data.images.load_image` (truncated, empty, not an image, too large...). Prints
+images per class and split, then the problems. Exit code 0 when clean, 1 when anything is wrong, 2 for bad
+arguments or a bad config key.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,44 +23,15 @@ from typing import Any
 __all__ = ["check_data", "main"]
 
 ROLES = ("train", "val", "test", "unlabeled", "predict")
-# data.<option>: (type, help)
-_OPTIONS: dict[str, tuple[Any, str]] = {
-    "train": (str, "labeled training data: folder root/<class>/*, CSV path,label, or a built-in name"),
-    "val": (str, "validation data (default: split off train)"),
-    "test": (str, "test data (default: split off train when test_split > 0)"),
-    "unlabeled": (str, "unlabeled pool (folder/CSV, or 'rest')"),
-    "predict": (str, "images to predict"),
-    "labels_per_class": (int, "labeled images kept per class (checks every class has that many)"),
-    "val_split": (float, "fraction of train used for validation when --data.val is not given"),
-    "test_split": (float, "fraction of train used for test when --data.test is not given"),
-    "seed": (int, "split seed"),
-    "classes": (str, "the class list, comma-separated (labels outside it are problems)"),
-    "max_pixels": (int, "largest image accepted, in pixels"),
-}
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="visiontune check-data", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="a visiontune YAML config; its data: section is used (flags override it)")
-    for name, (typ, text) in _OPTIONS.items():
-        p.add_argument(f"--data.{name}", dest=name, type=typ, default=None, help=text)
-    p.add_argument("--workers", type=int, default=None, help="threads decoding images (default: CPU count, <= 8)")
-    p.add_argument("--json", default=None, help="also write the report as JSON to this file")
-    return p
+def _own_options(parser: Any) -> None:
+    """check-data's options, next to fit's (the data options come from the ``data:`` section / ``--data.*``)."""
+    from typing import Optional
 
-
-def _config_data(path: str) -> dict[str, Any]:
-    import yaml
-
-    try:
-        cfg = yaml.safe_load(Path(path).read_text()) or {}
-    except (OSError, yaml.YAMLError) as exc:
-        raise SystemExit(f"visiontune check-data: cannot read --config {path}: {exc}") from None
-    data = cfg.get("data") or {}
-    if isinstance(data, dict) and "init_args" in data:
-        data = data["init_args"] or {}
-    return dict(data)
+    parser.add_argument("--workers", type=Optional[int], default=None,
+                        help="threads decoding images (default: CPU count, <= 8)")
+    parser.add_argument("--json", type=Optional[str], default=None, help="also write the report as JSON to this file")
 
 
 def check_data(workers: int | None = None, **data: Any) -> dict[str, Any]:
@@ -88,7 +60,7 @@ def check_data(workers: int | None = None, **data: Any) -> dict[str, Any]:
     # 1. structure: exactly what training would raise, every split at once
     dm = None
     try:
-        dm = ImageDataModule(**kwargs, num_workers=0, on_bad_image="error")
+        dm = ImageDataModule(**{**kwargs, "num_workers": 0, "on_bad_image": "error"})
         dm._scan_files = False  # every image is decoded below: no setup scan listing them a second time
         dm.setup("fit" if kwargs.get("train") is not None else "validate")
     except DataError as err:
@@ -181,19 +153,19 @@ def format_report(report: dict[str, Any]) -> str:
 
 
 def main(argv: Sequence[str]) -> int:
-    """``visiontune check-data``: exit 0 when the data is clean, 1 on any problem."""
-    args = _parser().parse_args(list(argv))
-    data = _config_data(args.config) if args.config else {}
-    data = {k: v for k, v in data.items() if k in _OPTIONS}  # loader options are irrelevant here
-    data.update({k: getattr(args, k) for k in _OPTIONS if getattr(args, k) is not None})
+    """``visiontune check-data``: exit 0 when the data is clean, 1 on any problem, 2 without data to check."""
+    from ..cli.config import ToolCLI
+
+    cli = ToolCLI("visiontune check-data", argv, _own_options, description=__doc__.split("\n\n")[0])
+    data = cli.config.data.as_dict()
     if not any(data.get(r) for r in ROLES):
         print("visiontune check-data: give at least --data.train (or --data.val / --data.test / --config)",
               file=sys.stderr)
         return 2
-    report = check_data(workers=args.workers, **data)
+    report = check_data(workers=cli.config.workers, **data)
     print(format_report(report))
-    if args.json:
+    if cli.config.json:
         from ..io import atomic_write_json
 
-        atomic_write_json(args.json, report)
+        atomic_write_json(cli.config.json, report)
     return 0 if report["ok"] else 1

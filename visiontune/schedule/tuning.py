@@ -2,7 +2,8 @@
 
 ``visiontune schedule --model.backbone NAME`` prints a generated :class:`~visiontune.schedule.GradualUnfreeze`
 schedule as YAML, one phase a line, commented with each phase's layers (``--config X.yaml`` checks and
-prints the config's own schedule).
+prints the config's own schedule). Both commands read the config ``visiontune fit --config`` takes, through
+the same parser (:mod:`visiontune.cli.config`).
 
 The learning-rate finder suggests the head LR before the schedule starts.
 Runs Lightning's LR range test (``LearningRateFinder``: the LR grows exponentially from ``min_lr`` to
@@ -11,16 +12,15 @@ what trains *first*: phase 0 of the configured :class:`~visiontune.schedule.Grad
 (usually the head), or the head alone with ``head_only``, or else the strategy's parameters. Weights,
 optimizer state and ``requires_grad`` are restored afterwards.
 
-    visiontune lr_find --config configs/schedule_explicit.yaml
-    visiontune lr_find --config configs/schedule_explicit.yaml --num_training 50 --plot lr_find.png
+    visiontune lr-find --config configs/schedule_explicit.yaml
+    visiontune lr-find --config configs/schedule_explicit.yaml --num_training 50 --plot lr_find.png
 
-This module imports no heavy dependency until used (it holds the ``visiontune lr_find`` and
+This module imports no heavy dependency until used (it holds the ``visiontune lr-find`` and
 ``visiontune schedule`` commands, named in ``visiontune.cli.TOOLS``).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 import sys
@@ -172,49 +172,53 @@ def lr_find(
     return LRFindResult(suggestion, lrs, losses, finder.trainable, trained, found)
 
 
-def lr_find_main(argv: Sequence[str]) -> int:
-    """``visiontune lr_find --config X.yaml [--num_training N] [--plot FILE] [--model.* ...]``.
+def _lr_find_options(parser: Any) -> None:
+    """lr-find's own options, next to fit's."""
+    parser.add_argument("--min_lr", type=float, default=1e-6, help="smallest LR of the range test")
+    parser.add_argument("--max_lr", type=float, default=1.0, help="largest LR of the range test")
+    parser.add_argument("--num_training", type=int, default=100, help="steps of the range test (default 100)")
+    parser.add_argument("--mode", type=Literal["exponential", "linear"], default="exponential")
+    parser.add_argument("--head_only", type=bool, nargs="?", const=True, default=False,
+                        help="train only the head during the test")
+    parser.add_argument("--plot", type=Optional[str], default=None, help="save the loss-vs-LR plot to this file (.png)")
 
-    Every option other than the finder's own goes to the LightningCLI (``--model.*``, ``--data.*``,
-    ``--trainer.*``), so the test runs on exactly the model, data and schedule of the config.
+
+def lr_find_main(argv: Sequence[str]) -> int:
+    """``visiontune lr-find --config X.yaml [--num_training N] [--plot FILE] [--model.* ...]``.
+
+    The config and every ``--model.*`` / ``--data.*`` / ``--trainer.*`` override are read as ``visiontune fit``
+    reads them (:mod:`visiontune.cli.config`), so the test runs on exactly the model, data and schedule of the
+    config; its own options are the finder's.
 
     Example:
         >>> lr_find_main(["--config", "configs/schedule_explicit.yaml"])  # doctest: +SKIP
     """
-    ap = argparse.ArgumentParser(
-        prog="visiontune lr_find",
-        description="Suggest a head learning rate (Lightning's LR range test) for a visiontune config, on "
-                    "what trains first (phase 0 of its GradualUnfreeze schedule). Other options "
-                    "(--config, --model.*, --data.*, --trainer.*) go to the LightningCLI.",
-    )
-    ap.add_argument("--min_lr", type=float, default=1e-6)
-    ap.add_argument("--max_lr", type=float, default=1.0)
-    ap.add_argument("--num_training", type=int, default=100, help="steps of the range test (default 100)")
-    ap.add_argument("--mode", choices=("exponential", "linear"), default="exponential")
-    ap.add_argument("--head_only", action="store_true", help="train only the head during the test")
-    ap.add_argument("--plot", help="save the loss-vs-LR plot to this file (.png)")
-    own, rest = ap.parse_known_args(list(argv))
-    if not rest:
-        ap.error("give a config: visiontune lr_find --config X.yaml")
+    from ..cli.config import ToolCLI
+    from ..errors import ConfigError
+
+    cli = ToolCLI("visiontune lr-find", argv, _lr_find_options,
+                  description="Suggest a head learning rate (Lightning's LR range test) for a visiontune config, on "
+                              "what trains first (phase 0 of its GradualUnfreeze schedule).")
+    own = cli.config
+    if own.data.train is None:
+        raise ConfigError("lr-find needs training data: give a config (visiontune lr-find --config X.yaml) "
+                          "or --data.train")
     for name in ("min_lr", "max_lr"):
-        if not getattr(own, name) > 0:
-            ap.error(f"--{name} must be > 0")
+        if not own[name] > 0:
+            raise ConfigError(f"--{name} must be > 0, got {own[name]!r}")
     if own.min_lr >= own.max_lr:
-        ap.error("--min_lr must be below --max_lr")
+        raise ConfigError(f"--min_lr must be below --max_lr, got {own.min_lr!r} >= {own.max_lr!r}")
     if own.num_training < 3:
-        ap.error("--num_training must be >= 3")
-
-    from ..cli.lightning_cli import VisionTuneCLI
-
-    cli = VisionTuneCLI(args=rest, run=False)
+        raise ConfigError(f"--num_training must be >= 3, got {own.num_training!r}")
+    cli.instantiate()
     result = lr_find(cli.model, cli.datamodule, trainer=cli.trainer, min_lr=own.min_lr, max_lr=own.max_lr,
                      num_training=own.num_training, mode=own.mode, head_only=own.head_only)
     h = getattr(cli.model, "hparams", {})
-    print(f"visiontune lr_find: {h.get('backbone', type(cli.model).__name__)}, strategy {h.get('strategy', '?')}; "
+    print(f"visiontune lr-find: {h.get('backbone', type(cli.model).__name__)}, strategy {h.get('strategy', '?')}; "
           f"trained {result.trained}: {result.trainable:,} parameters, {len(result.lrs)} steps "
           f"from {own.min_lr:g} to {own.max_lr:g}")
     if result.suggestion is None or not math.isfinite(result.suggestion):
-        print("visiontune lr_find: no suggestion (too few finite losses): raise --num_training or use more data",
+        print("visiontune lr-find: no suggestion (too few finite losses): raise --num_training or use more data",
               file=sys.stderr)
         return 1
     lr = float(f"{result.suggestion:.2g}")
@@ -312,80 +316,73 @@ def _yaml_str(value: Any) -> str:
     return "'" + s.replace("'", "''") + "'"
 
 
-def _model_options(argv: Sequence[str], prog: str, description: str) -> tuple[argparse.Namespace, dict[str, Any]]:
-    """Parse ``--config`` + ``--model.*`` options shared by the schedule command."""
-    import yaml
+def _schedule_options(parser: Any) -> None:
+    """schedule's own options, next to fit's: the implicit schedule's knobs (they replace the config's)."""
+    parser.add_argument("--every_n_epochs", type=Optional[int], default=None,
+                        help="implicit schedule: epochs between phases (default 1)")
+    parser.add_argument("--groups_per_phase", type=Optional[int], default=None,
+                        help="implicit schedule: groups per phase (default 1)")
+    parser.add_argument("--coarse", type=Optional[bool], nargs="?", const=True, default=None,
+                        help="timm's coarse groups (stages instead of blocks)")
+    parser.add_argument("--group_patterns", type=Optional[list[str]], default=None,
+                        help="regexes overriding the depth groups, e.g. '[stem, \\.blocks\\.]'")
 
-    ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--config", help="a visiontune YAML config (its model section is used)")
-    ap.add_argument("--model.backbone", dest="backbone")
-    ap.add_argument("--model.strategy", dest="strategy")
-    ap.add_argument("--model.strategy_args", dest="strategy_args", type=yaml.safe_load,
-                    help="YAML/JSON mapping, e.g. '{rank: 4}'")
-    ap.add_argument("--model.backbone_args", dest="backbone_args", type=yaml.safe_load,
-                    help="YAML/JSON mapping, e.g. '{img_size: 32}'")
-    ap.add_argument("--every_n_epochs", type=int, help="implicit schedule: epochs between phases (default 1)")
-    ap.add_argument("--groups_per_phase", type=int, help="implicit schedule: groups per phase (default 1)")
-    ap.add_argument("--coarse", action="store_true", default=None,
-                    help="timm's coarse groups (stages instead of blocks)")
-    ap.add_argument("--group_patterns", nargs="+", help="regexes overriding the depth groups")
-    args = ap.parse_args(list(argv))
-    model: dict[str, Any] = {}
-    args.phases = None
-    if args.config:
-        with open(args.config) as f:
-            cfg = yaml.safe_load(f) or {}
-        model = dict(cfg.get("model") or {})
-        # the config's own GradualUnfreeze options (explicit phases included) unless given on the command line
-        for cb in (cfg.get("trainer") or {}).get("callbacks") or []:
-            if isinstance(cb, dict) and str(cb.get("class_path", "")).endswith("GradualUnfreeze"):
-                init = dict(cb.get("init_args") or {})
-                explicit = any(getattr(args, k) is not None for k in ("every_n_epochs", "groups_per_phase"))
-                args.phases = None if explicit else init.get("phases")
-                for key in ("every_n_epochs", "groups_per_phase", "coarse", "group_patterns"):
-                    if getattr(args, key) is None and init.get(key) is not None:
-                        setattr(args, key, init[key])
-                break
-    args.every_n_epochs = args.every_n_epochs or 1
-    args.groups_per_phase = args.groups_per_phase or 1
-    args.coarse = bool(args.coarse)
-    for key in ("backbone", "strategy", "strategy_args", "backbone_args"):
-        if getattr(args, key) is not None:
-            model[key] = getattr(args, key)
-    if not model.get("backbone"):
-        ap.error("give --model.backbone NAME (or --config with a model.backbone)")
-    return args, model
+
+def _schedule_settings(config: Any) -> dict[str, Any]:
+    """The schedule to print: the command line's knobs, else the config's GradualUnfreeze callback (its explicit
+    phases too, unless ``--every_n_epochs`` / ``--groups_per_phase`` ask for a generated one)."""
+    own = {k: config[k] for k in ("every_n_epochs", "groups_per_phase", "coarse", "group_patterns")}
+    settings: dict[str, Any] = {"phases": None, **own}
+    for cb in config.trainer.get("callbacks") or []:
+        if str(cb.get("class_path", "")).endswith("GradualUnfreeze"):
+            init = cb.get("init_args")
+            init = init.as_dict() if hasattr(init, "as_dict") else dict(init or {})
+            explicit = own["every_n_epochs"] is not None or own["groups_per_phase"] is not None
+            settings["phases"] = None if explicit else init.get("phases")
+            for key in own:
+                if own[key] is None and init.get(key) is not None:
+                    settings[key] = init[key]
+            break
+    settings["every_n_epochs"] = settings["every_n_epochs"] or 1
+    settings["groups_per_phase"] = settings["groups_per_phase"] or 1
+    settings["coarse"] = bool(settings["coarse"])
+    return settings
 
 
 def schedule_main(argv: Sequence[str]) -> int:
-    """``visiontune schedule --model.backbone NAME [--model.strategy S] [--every_n_epochs N] ...``:
-    print the generated gradual-unfreezing schedule as YAML to paste into a config and edit.
+    """``visiontune schedule [--config X.yaml] [--model.backbone NAME] [--every_n_epochs N] ...``: print the
+    gradual-unfreezing schedule as YAML to paste into a config and edit.
 
-    With ``--config X.yaml`` the config's model is used, and its GradualUnfreeze callback's options (an
-    explicit schedule too, which is then checked against the model and printed with each phase's layers).
+    The config and the ``--model.*`` overrides are read as ``visiontune fit`` reads them (:mod:`visiontune.cli.config`):
+    the model's backbone, strategy and options, and the config's GradualUnfreeze callback's options (an explicit
+    schedule too, which is then checked against the model and printed with each phase's layers). No weights are read.
 
     Example:
         >>> schedule_main(["--model.backbone", "resnet18", "--coarse"])  # doctest: +SKIP
     """
-    args, model = _model_options(
-        argv, "visiontune schedule", "Print a gradual-unfreezing schedule (YAML) for a timm backbone.")
+    from ..cli.config import ToolCLI
+
+    cli = ToolCLI("visiontune schedule", argv, _schedule_options,
+                  description="Print a gradual-unfreezing schedule (YAML) for a timm backbone.")
+    model, settings = cli.config.model, _schedule_settings(cli.config)
     import timm
 
     from ..models.backbones import BackboneError, create_backbone
     from .callback import ScheduleError
     from ..strategies import StrategyError, apply_strategy
 
-    name = model["backbone"]
+    name = model.backbone
     if not timm.is_model(name):
         print(f"visiontune schedule: unknown timm model {name!r}", file=sys.stderr)
         return 2
+    classes = len(model.class_names) if model.class_names else model.num_classes
     try:
-        net = create_backbone(name, None, num_classes=int(model.get("num_classes") or 10),
-                              **dict(model.get("backbone_args") or {}))
-        strategy = model.get("strategy") or "full"
-        apply_strategy(net, strategy, model.get("strategy_args"))
-        text = schedule_yaml(net, args.phases, every_n_epochs=args.every_n_epochs, groups_per_phase=args.groups_per_phase,
-                             coarse=args.coarse, group_patterns=args.group_patterns,
+        net = create_backbone(name, None, num_classes=int(classes or 10), **dict(model.backbone_args or {}))
+        strategy = model.strategy or "full"
+        apply_strategy(net, strategy, model.strategy_args)
+        text = schedule_yaml(net, settings["phases"], every_n_epochs=settings["every_n_epochs"],
+                             groups_per_phase=settings["groups_per_phase"], coarse=settings["coarse"],
+                             group_patterns=settings["group_patterns"],
                              title=f"Gradual unfreezing for {name} (strategy {strategy}); "
                                    f"generated by: visiontune schedule {' '.join(argv)}")
     except (ScheduleError, StrategyError, BackboneError) as exc:
