@@ -74,10 +74,6 @@ def options(strategy: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ causes
 # Each broken cell names one of these: what breaks, and where (the first failure of the cell).
-CAUSE_WEIGHT_READ = (
-    "wrapped Linear whose .weight is read directly (Eva/BEiT attention: F.linear(x, self.qkv.weight, ...); "
-    "ConViT GPSA.get_rel_indices: self.qk.weight): LoRA/DoRA wrappers (strategies/lora_layers.py) have no .weight"
-)
 CAUSE_TIED = (
     "tied parameters (CoaT shares cpe/crpe between blocks): the alias name of a trained tensor is hashed as a "
     "base tensor, so the rebuilt base 'differs': delta/format.py:base_tensor_hashes -> check_delta"
@@ -186,16 +182,14 @@ CASES: list[Case] = [
     # ---- ViT-style transformers
     Case("vit", "vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
     Case("deit-distilled", "deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
-    Case("eva02", "eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, size=28, refuses=_r("vpt"),
-         broken=_each(LORA_FAMILY, CAUSE_WEIGHT_READ)),
+    Case("eva02", "eva02_tiny_patch14_224", {"img_size": 28, "depth": 2}, size=28, refuses=_r("vpt")),
     Case("beit", "beit_base_patch16_224",
-         {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}, refuses=_r("vpt"),
-         broken=_each(LORA_FAMILY, CAUSE_WEIGHT_READ)),
+         {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 64, "num_heads": 2}, refuses=_r("vpt")),
     Case("cait", "cait_xxs24_224", {"img_size": 32, "patch_size": 8, "depth": 2, "depth_token_only": 1},
          refuses=_r("vpt")),
     Case("xcit", "xcit_nano_12_p16_224", {"img_size": 32, "depth": 2}, refuses=_r("vpt")),
     Case("convit", "convit_tiny", {"img_size": 32, "patch_size": 8, "depth": 2, "local_up_to_layer": 1},
-         refuses=_r("vpt"), broken=_each(LORA_FAMILY, CAUSE_WEIGHT_READ)),
+         refuses=_r("vpt")),
     Case("pit-distilled", "pit_ti_distilled_224", {"img_size": 32, "depth": [1, 1, 1], "base_dims": [16, 16, 16]},
          refuses=_r("vpt"), broken={"last_k": CAUSE_GROUP_MATCHER}),
     # ---- hierarchical transformers, hybrids, MLPs

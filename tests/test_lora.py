@@ -484,3 +484,76 @@ def test_qlora_state_dict_round_trip(bits) -> None:
     b.load_state_dict(sd)
     x = torch.randn(3, 24)
     torch.testing.assert_close(a[0](x), b[0](x), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------- direct weight reads
+def test_wrappers_answer_for_the_wrapped_layer() -> None:
+    """timm reads attributes of the layers it built (ConViT: ``self.qk.weight.device``): the wrappers answer."""
+    lin = nn.Linear(4, 3)
+    layer = LoRALinear(lin, rank=1, init="gaussian")
+    assert layer.weight is lin.weight and layer.bias is lin.bias
+    assert (layer.in_features, layer.out_features) == (4, 3)
+    conv = LoRAConv2d(nn.Conv2d(2, 6, 3, stride=2, padding=1), rank=1)
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.groups) == (2, 6, (3, 3), (2, 2), 1)
+    q = LoRALinear(QuantizedLinear(nn.Linear(64, 8), bits=8), rank=1)
+    assert torch.equal(q.weight, q.base_layer.dequantized_weight()) and q.out_features == 8
+    with pytest.raises(AttributeError):
+        layer.no_such_attribute  # noqa: B018
+
+
+@pytest.mark.parametrize("strategy", ["lora", "qlora", "dora"])
+@pytest.mark.parametrize("name, kwargs", [
+    ("eva02_tiny_patch14_224", {"img_size": 28, "depth": 1}),
+    ("beit_base_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 1, "embed_dim": 64, "num_heads": 2}),
+    ("convit_tiny", {"img_size": 32, "patch_size": 8, "depth": 1, "local_up_to_layer": 1}),
+])
+def test_attention_that_reads_qkv_weight_runs_the_delta(name, kwargs, strategy) -> None:
+    """Eva/BEiT attention computes F.linear(x, self.qkv.weight, qkv_bias) itself: with a non-zero B the
+    output must change (the delta is not skipped), and with B = 0 it is the base model's."""
+    torch.manual_seed(0)
+    net = timm.create_model(name, num_classes=3, **kwargs).eval()
+    size = kwargs["img_size"]
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = net.forward_features(x)  # the features: a random-init head is near zero
+    apply_strategy(net, strategy, {"rank": 2, "init": "gaussian", "qkv": "qkv"})
+    net.eval()
+    layers = lora_layers(net)
+    assert any(n.endswith("qkv") or n.endswith("qk") for n in layers)
+    with torch.no_grad():
+        moved = net.forward_features(x)
+        for layer in layers.values():
+            layer.lora_B.zero_()
+            if hasattr(layer, "lora_magnitude"):  # DoRA: m = ||W0||, the direction is W0 again
+                layer.lora_magnitude.copy_(torch.linalg.vector_norm(layer._base_weight().flatten(1), dim=1))
+        back = net.forward_features(x)
+    assert (moved - back).abs().max() > 1e-3  # the delta is used (skipped, they would be bit-identical)
+    if strategy != "qlora":  # qlora's B = 0 is the quantized base
+        torch.testing.assert_close(back, base, atol=1e-5, rtol=1e-4)
+
+
+class _ReadsWeight(nn.Module):
+    """A timm-like classifier whose forward reads ``proj.weight`` instead of calling ``proj``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 4, stride=4)
+        self.proj = nn.Linear(8, 8)
+        self.fc = nn.Linear(8, 2)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.stem(x).mean((2, 3))
+        return self.fc(torch.nn.functional.linear(h, self.proj.weight, self.proj.bias))
+
+
+@pytest.mark.parametrize("strategy", ["lora", "qlora", "dora"])
+def test_layer_whose_weight_is_read_directly_is_refused(strategy) -> None:
+    net = _ReadsWeight()
+    with pytest.raises(StrategyError, match=rf"strategy '{strategy}' cannot adapt 1 layer\(s\) of _ReadsWeight: its "
+                                            r"forward never calls proj .*add them to 'exclude'"):
+        apply_strategy(net, strategy, {"targets": ["proj", "stem"]})
+    assert isinstance(net.proj, nn.Linear) and isinstance(net.stem, nn.Conv2d)  # nothing was wrapped
+    apply_strategy(net, strategy, {"targets": ["stem"]})

@@ -48,7 +48,7 @@ from torch import nn
 from .base import StrategyConfig, StrategyError, register_strategy
 from .lora_layers import LORA_INITS, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
 from .lora_options import check_lora_options, lora_alpha, lora_scaling, regex_list
-from .lora_select import lora_candidates, select_targets
+from .lora_select import check_called, lora_candidates, route_direct_reads, select_targets
 from .ssf import merge_ssf, unload_ssf, unmerge_ssf
 from .quant import SUPPORTED_BITS, QuantizedBase, QuantizedConv2d, QuantizedLinear, conv_is_supported
 
@@ -267,7 +267,10 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig | None = None) -> dict[str, Lo
     cands = lora_candidates(model)
     capped: list[str] = []
     wrapped: dict[str, LoRALayer] = {}
-    for name in lora_targets(model, cfg):
+    names = lora_targets(model, cfg)
+    route_direct_reads(model, names)  # Eva/BEiT: F.linear(x, qkv.weight, bias) -> qkv(x) + bias
+    check_called(model, names, getattr(type(cfg), "strategy_name", "lora"))
+    for name in names:
         wrapped[name] = _wrap(name, cands[name], cfg, bits, capped)
     for name, layer in wrapped.items():  # replace only once every layer was accepted
         layer.alpha, layer.scaling = float(cfg.alpha), lora_scaling(cfg.alpha, layer.rank, cfg.rslora)  # exact

@@ -14,7 +14,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,10 @@ from .base import StrategyError
 from .quant import QuantizedBase, conv_is_supported, conv_like, is_same_pad
 
 __all__ = ["LORA_INITS", "LoRAConv2d", "LoRALayer", "LoRALinear", "LoRAQKVLinear"]
+
+#: Attributes of the wrapped Linear / Conv2d a LoRA layer answers for it.
+_FORWARDED = frozenset({"in_features", "out_features", "in_channels", "out_channels", "kernel_size", "stride",
+                        "padding", "dilation", "groups", "padding_mode"})
 
 LORA_INITS = ("zero", "gaussian", "pissa")
 """How the factors start (LoRA's ``init`` option): ``lora_B`` zeros (the delta starts at 0), small gaussian noise,
@@ -68,6 +72,28 @@ class LoRALayer(nn.Module):
     def quantized(self) -> bool:
         """Whether the frozen base weight is stored quantized (qlora)."""
         return isinstance(self.base_layer, QuantizedBase)
+
+    # The wrapper stands where the layer stood: what timm reads of it (ConViT's ``self.qk.weight.device``,
+    # ``qkv.in_features``, a conv's ``out_channels``) reads the base layer. Reading ``.weight`` to compute with it
+    # would skip the delta: :func:`visiontune.strategies.lora_select.check_called` refuses such layers.
+    @property
+    def weight(self) -> Tensor:
+        """The frozen base weight (dequantised for qlora), not the adapted one."""
+        return self._base_weight()
+
+    @property
+    def bias(self) -> Tensor | None:
+        """The base layer's bias."""
+        return self.base_layer.bias
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            base = self.__dict__.get("_modules", {}).get("base_layer")
+            if name in _FORWARDED and base is not None:
+                return getattr(base, name)
+            raise
 
     def _base_weight(self) -> Tensor:
         base = self.base_layer

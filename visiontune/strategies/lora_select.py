@@ -6,6 +6,11 @@
 * :func:`select_targets`: the preset (``targets=None``: the layers that hold most weights) or the ``targets`` /
   ``exclude`` regexes, refusing with a :class:`~visiontune.strategies.base.StrategyError` that names the strategy
   and the model.
+* :func:`route_direct_reads` and :func:`check_called`: a wrapper only adapts a layer its model *calls*. timm's
+  Eva and BEiT attention compute ``F.linear(x, self.qkv.weight, qkv_bias)`` themselves (their q/v biases live
+  outside the layer), which would read the frozen weight and skip the delta without a sound; they are switched
+  to timm's own ``qkv_bias_separate`` path (call ``qkv``, add the bias: the same sum). Any other targeted layer
+  that one forward of the model (:func:`~visiontune.strategies.probe.probe`) does not call is refused.
 
 Example:
     >>> import timm
@@ -17,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Sequence
 
 from torch import nn
@@ -24,9 +30,10 @@ from torch import nn
 from ..models.heads import find_head
 from .base import StrategyError
 from .lora_layers import LoRALayer
+from .probe import probe
 from .quant import conv_is_supported
 
-__all__ = ["lora_candidates", "select_targets"]
+__all__ = ["check_called", "lora_candidates", "route_direct_reads", "select_targets"]
 
 
 def lora_candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -99,3 +106,42 @@ def select_targets(model: nn.Module, targets: Sequence[str] | None, exclude: Seq
             f"Available layers ({len(cands)}): {_sample(list(cands))}"
         )
     return names
+
+
+def route_direct_reads(model: nn.Module, names: Sequence[str]) -> list[str]:
+    """Make the attention modules that read a targeted ``qkv``'s weight directly call it instead; returns them.
+
+    timm's Eva / BEiT attention with q/v biases run ``F.linear(x, self.qkv.weight, bias=cat(q_bias, k_bias,
+    v_bias))`` unless ``qkv_bias_separate`` is set, then ``self.qkv(x) + bias``: the same sum, through the
+    module. The switch is set on every attention whose ``qkv`` is a target.
+    """
+    routed = []
+    for name in names:
+        parent_name, _, leaf = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if leaf == "qkv" and getattr(parent, "q_bias", None) is not None and \
+                getattr(parent, "qkv_bias_separate", None) is False:
+            parent.qkv_bias_separate = True
+            routed.append(parent_name)
+    return routed
+
+
+def check_called(model: nn.Module, names: Sequence[str], strategy: str = "lora") -> None:
+    """Refuse (:class:`StrategyError` naming ``strategy``, the model and the layers) when one forward of
+    ``model`` does not call every layer in ``names``: its weight is read directly (or the layer is unused),
+    so a delta there would change nothing. Models that are not timm classifiers are not checked."""
+    if not callable(getattr(model, "get_classifier", None)):
+        return
+    layers = [model.get_submodule(n) for n in names]
+    try:
+        called = probe(model, layers, strategy=strategy)
+    except StrategyError as exc:
+        warnings.warn(f"{exc}: the {strategy} layers are not checked for direct weight reads", stacklevel=3)
+        return
+    skipped = [n for n, m in zip(names, layers) if id(m) not in called]
+    if skipped:
+        raise StrategyError(
+            f"strategy {strategy!r} cannot adapt {len(skipped)} layer(s) of {type(model).__name__}: its forward "
+            f"never calls {_sample(skipped)} (it reads their weight directly, or does not use them), so a "
+            "delta there would be ignored; add them to 'exclude'"
+        )
