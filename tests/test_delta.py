@@ -441,3 +441,40 @@ def test_resumed_fit_and_load_keep_the_weight_source(tmp_path, monkeypatch, caps
     # a delta of the loaded model records the true source too
     _, meta = delta_from_file(save_delta(resumed, tmp_path / "loaded.safetensors"))
     assert meta["weights"] == "package"
+
+
+# ------------------------------------------------------------------------------------------ tied tensors
+COAT = dict(img_size=32, serial_depths=[1, 1, 1, 1], embed_dims=[16, 32, 64, 64])
+
+
+def _coat(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    return timm.create_model("coat_lite_tiny", num_classes=3, **COAT)
+
+
+@pytest.mark.parametrize("strategy", ["full", "bitfit", "sparse", "ssf"])
+def test_shared_tensors_are_saved_once_and_restored_under_every_name(strategy, tmp_path):
+    """CoaT shares its conv position encodings between blocks: one tensor, two state-dict names. The delta
+    holds it once, the base hashes never hold its alias (it was hashed with its trained value: the rebuilt base
+    'differed'), and loading restores it under both names."""
+    net = _coat()
+    sd = net.state_dict(keep_vars=True)
+    aliases = {k for k, t in sd.items() if any(t is u and k != j for j, u in sd.items())}
+    assert len(aliases) >= 2  # the model does share tensors
+    apply_strategy(net, strategy, {"fraction": 0.05} if strategy == "sparse" else None)
+    perturb_delta(net, 1)
+    path = save_delta(net.eval(), tmp_path / "coat.safetensors", class_names=names(3), backbone="coat_lite_tiny",
+                      backbone_args=COAT)
+    tensors, meta = delta_from_file(path)
+    sd = net.state_dict(keep_vars=True)
+    delta_ids = {id(sd[n]) for n in net.visiontune_delta}
+    assert not [k for k in meta["base_hashes"] if id(sd[k]) in delta_ids]
+    assert len({id(sd[k]) for k in meta["base_hashes"]}) == len(meta["base_hashes"])  # once per tensor
+    fresh = _coat()
+    apply_strategy(fresh, strategy, {"fraction": 0.05} if strategy == "sparse" else None)
+    load_delta(fresh, path)
+    got = fresh.eval().state_dict()
+    for k, v in net.state_dict().items():
+        assert torch.equal(got[k], v), k
+    with torch.no_grad():
+        assert torch.equal(fresh(X), net(X))

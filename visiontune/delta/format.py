@@ -252,12 +252,29 @@ def merged_base_weights(net: nn.Module) -> set[str]:
 
 
 def base_tensor_hashes(net: nn.Module, skip: set[str]) -> dict[str, str]:
-    """Short hash of every base tensor (state-dict entry) not in ``skip`` and not task-specific."""
+    """Short hash of every base tensor not in ``skip`` and not task-specific, once per tensor.
+
+    A tensor with several state-dict names (tied or shared modules: CoaT shares its conv position encodings
+    between blocks) is one tensor: hashed once, under its first name, and not at all when any of its names is
+    in ``skip`` (a delta holds it under the name ``named_parameters()`` gives it, and writing it there restores
+    every alias).
+
+    Example:
+        >>> lin = nn.Linear(2, 2)
+        >>> sorted(base_tensor_hashes(nn.Sequential(lin, lin), {"0.weight"}))  # '1.weight' is '0.weight'
+        ['0.bias']
+    """
     skip = skip | merged_base_weights(net)
-    return {
-        k: _hash(v) for k, v in net.state_dict().items()
-        if k not in skip and not k.endswith(_NOT_BASE_SUFFIXES)
-    }
+    entries = net.state_dict(keep_vars=True)
+    skipped = {id(t) for k, t in entries.items() if k in skip}
+    seen: set[int] = set()
+    out = {}
+    for k, t in entries.items():
+        if k in skip or k.endswith(_NOT_BASE_SUFFIXES) or id(t) in skipped or id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[k] = _hash(t)
+    return out
 
 
 # ------------------------------------------------------------------------------------------- saving
