@@ -80,8 +80,6 @@ def frozen_feature_baseline(
 
     from .models.backbones import create_backbone, data_config
     from .training.cache import extract_features
-    from .data.dataset import ImageDataset
-    from .data.transforms import eval_transform
 
     if split not in ("val", "test"):
         raise ValueError(f"split must be 'val' or 'test', got {split!r}")
@@ -92,8 +90,7 @@ def frozen_feature_baseline(
     evaluated = getattr(data, f"{split}_set")
     if evaluated is None:
         raise ValueError(f"the data has no {split} split (set data.{split} or data.{split}_split)")
-    size, mean, std, interp = data._resolve_normalisation()
-    train = ImageDataset(data.train_set.samples, eval_transform(size, mean, std, interp), max_pixels=data.max_pixels)
+    train = data.eval_view("train")  # the training images under the eval transform (no augmentation)
     xs, ys, _ = extract_features(net, train, batch_size=batch_size, pooled=True)
     xe, ye, _ = extract_features(net, evaluated, batch_size=batch_size, pooled=True)
     clf = LogisticRegression(C=C, max_iter=3000, class_weight=class_weight).fit(xs.numpy(), ys.numpy())

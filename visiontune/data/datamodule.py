@@ -1,23 +1,23 @@
 """``ImageDataModule``: folders, CSVs, arrays or built-in datasets → seeded splits → albumentations → loaders.
 
 The datasets and loader pieces it builds are in :mod:`visiontune.data.dataset` (``ImageDataset`` is importable
-from here too).
+from here too); its loaders and the views a model asks for (FixMatch's weak and strong views, a feature cache's
+deterministic views) in :mod:`visiontune.data.views`. The datamodule owns all of them: models state what they need
+(:mod:`visiontune.models.protocols`), nothing writes into it.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import lightning as L
 import numpy as np
-import torch
-from torch.utils.data import DataLoader, Dataset
 
-from .dataset import EpochLoader, EpochShuffleSampler, ImageDataset, worker_init
+from ..models.protocols import LabelOrder
+from .dataset import ImageDataset
 from .images import DEFAULT_MAX_PIXELS
 from .sources import (
     DataError,
@@ -31,6 +31,7 @@ from .sources import (
 )
 from .transforms import AUGMENTS, eval_transform, train_transform
 from .validate import class_list_problems, drop_bad_images, find_bad_images, unseen_class_problems
+from .views import DataViews
 
 __all__ = ["ImageDataModule", "ImageDataset"]
 
@@ -44,7 +45,7 @@ def _folder_classes(source: Any) -> list[str] | None:
     return None
 
 
-class ImageDataModule(L.LightningDataModule):
+class ImageDataModule(DataViews, L.LightningDataModule):
     """Images for training, validation, test, prediction and an optional unlabeled pool.
 
     Each of ``train``/``val``/``test``/``unlabeled``/``predict`` takes a folder (``root/<class>/*.jpg``),
@@ -157,8 +158,8 @@ class ImageDataModule(L.LightningDataModule):
         self._train_samples: Samples | None = None
         self.train_set = self.val_set = self.test_set = self.unlabeled_set = self.predict_set = None
         self.split: dict[str, list[str]] = {}
-        self.semi_supervised = False  # set by a module that trains on the unlabeled pool
-        self.unlabeled_transforms: Sequence[Callable] | None = None
+        self.unlabeled_transforms: Sequence[Callable] | None = None  # views of the pool (FixMatch: [weak, strong])
+        self._served = {}  # role -> what its loader yields instead of the images (views.DataViews.serve)
 
     # ------------------------------------------------------------------ classes and normalisation
     @property
@@ -304,7 +305,7 @@ class ImageDataModule(L.LightningDataModule):
         """The class order labels must index: the data's own, or the one the model asks for (a model that
         adds classes to a trained one wants its old classes first, then the data's new ones)."""
         module = getattr(getattr(self, "trainer", None), "lightning_module", None)
-        if not callable(getattr(module, "label_order", None)):
+        if not isinstance(module, LabelOrder):
             return list(names)
         try:
             return list(module.label_order(list(names)))
@@ -373,57 +374,8 @@ class ImageDataModule(L.LightningDataModule):
             pool = external_pool
         if pool is not None:
             self.split["unlabeled"] = [pool.describe(i) for i in range(len(pool))]
-            views = self.unlabeled_transforms or [augment]
-            self.unlabeled_set = ImageDataset(pool, views, max_pixels=self.max_pixels, with_index=True)
-            self.unlabeled_set.reseed(self.seed + 3)
-
-    # ------------------------------------------------------------------ loaders
-    def _workers(self) -> int:
-        if self.num_workers is not None:
-            return self.num_workers
-        cores = os.cpu_count() or 1
-        return 0 if cores <= 2 else min(8, cores // 2)
-
-    def _loader(self, ds: Dataset, batch_size: int, shuffle: bool, seed_offset: int = 0) -> DataLoader:
-        workers = self._workers()
-        generator = torch.Generator().manual_seed(self.seed + seed_offset)
-        sampler = None
-        if shuffle:  # order = f(seed, epoch): exact resume at epoch ends, a share per process under DDP
-            trainer = getattr(self, "trainer", None)
-            replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-            sampler = EpochShuffleSampler(ds, num_replicas=replicas, rank=rank, seed=self.seed + seed_offset)
-        return (EpochLoader if shuffle else DataLoader)(
-            ds,
-            batch_size=batch_size,
-            sampler=sampler,
-            num_workers=workers,
-            worker_init_fn=worker_init if workers else None,
-            generator=generator,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
-
-    def _require(self, ds: Dataset | None, role: str) -> Dataset:
-        if ds is None:
-            raise DataError(f"no {role} data: set data.{role}" + (" (or data.train for a split)" if role in ("val", "test") else ""))
-        return ds
-
-    def train_dataloader(self):
-        labeled = self._loader(self._require(self.train_set, "train"), min(self.batch_size, len(self.train_set)), True)
-        if self.semi_supervised and self.unlabeled_set is not None:
-            ratio = self.unlabeled_ratio or 7
-            unl = self._loader(self.unlabeled_set, self.batch_size * ratio, True, seed_offset=1)
-            return {"labeled": labeled, "unlabeled": unl}
-        return labeled
-
-    def val_dataloader(self):
-        return self._loader(self._require(self.val_set, "val"), self.batch_size, False)
-
-    def test_dataloader(self):
-        return self._loader(self._require(self.test_set, "test"), self.batch_size, False)
-
-    def predict_dataloader(self):
-        return self._loader(self._require(self.predict_set, "predict"), self.batch_size, False)
+        self._pool, self._pool_views = pool, [augment]
+        self._build_unlabeled_set()  # the views a model asked for (request_unlabeled_views), else [augment]
 
     # ------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:

@@ -5,8 +5,8 @@
 ``mu`` times its size, seen twice (weak and strong augmentations). This module holds what the model
 needs for that and nothing else:
 
-* :class:`FixMatchState` — configures the datamodule (weak/strong views, ``mu``, sample indices and
-  true labels of the pool), runs the training step, keeps the EMA teacher, distribution alignment and
+* :class:`FixMatchState` — asks the datamodule for the pool's weak/strong views (``mu``, sample indices and
+  true labels of the pool: the datamodule builds them), runs the training step, keeps the EMA teacher, distribution alignment and
   FlexMatch thresholds, and saves/restores them in checkpoints (plain tensors and numbers, so
   checkpoints load with ``torch.load(weights_only=True)``).
 * :func:`training_step` — the step shared by FixMatch and class expansion (LwF distillation, see
@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -51,7 +50,6 @@ from .semisup import FixMatchConfig, fixmatch_loss, forward_train, predict_weak
 from .semisup_state import DistributionAlignment, EMATeacher, FlexMatchThresholds
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..data.datamodule import ImageDataModule
     from .expansion import ClassExpansion
     from ..models.protocols import ClassifierModel  # the hosting TransferClassifier (visiontune.training.module imports this module)
 
@@ -109,37 +107,27 @@ class FixMatchState:
         self._pending: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ data
-    def setup(self, module: "ClassifierModel", dm: Optional["ImageDataModule"]) -> None:
-        """Point the datamodule at FixMatch: ``semi_supervised``, weak/strong views, ``mu``, indices.
+    def setup(self, module: "ClassifierModel", dm: Any) -> None:
+        """Ask the datamodule, once, for the unlabeled pool as weak and strong views (``mu``, the model's
+        class order: :class:`~visiontune.models.protocols.UnlabeledViews`); the datamodule builds them.
 
-        Called from the model's ``setup("fit")``, after the datamodule's own ``setup`` (Lightning's
-        order), so the pool exists and the image size, mean and std are resolved.
+        Called from the model's ``setup("fit")``, after the datamodule's own ``setup`` (Lightning's order), so
+        the pool exists and its size is known. A datamodule without ``request_unlabeled_views``
+        (:class:`~visiontune.models.protocols.SemiSupervisedData`) is an error naming it; without a
+        datamodule (plain dataloaders) the user hands us ``{"labeled": ..., "unlabeled": ...}`` batches.
         """
-        if dm is None or not hasattr(dm, "unlabeled_set"):
-            return  # plain dataloaders: the user hands us {"labeled": ..., "unlabeled": ...} batches
-        from ..data.dataset import ImageDataset
-        from ..data.sources import DataError
-        from ..data.strong import strong_transform, weak_transform
+        from ..models.protocols import SemiSupervisedData, UnlabeledViews, missing_members
 
-        if dm.unlabeled_set is None:
-            raise DataError("model.semi_supervised needs unlabeled images: set data.unlabeled to a folder, a CSV, "
-                            "or 'rest' (with data.labels_per_class) for the labeled data left over")
-        dm.semi_supervised = True
-        if dm.unlabeled_ratio is None:
-            dm.unlabeled_ratio = self.cfg.mu
-        res = getattr(dm, "resolved", None) or {}
-        size = int(res.get("image_size") or 224)
-        mean, std = tuple(res.get("mean") or (0.5,) * 3), tuple(res.get("std") or (0.5,) * 3)
-        hflip = bool(getattr(dm, "hflip", True))  # data.hflip=false (digits, text) holds for both views
-        if not dm.unlabeled_transforms or len(dm.unlabeled_transforms) != 2:  # a user's [weak, strong] pair wins
-            dm.unlabeled_transforms = [weak_transform(size, mean, std, hflip=hflip),
-                                       strong_transform(size, mean, std, hflip=hflip)]
-        pool = _labels_in_model_order(dm.unlabeled_set.samples, list(module.class_names or []))
-        check_readable(pool)
-        dm.unlabeled_set = ImageDataset(pool, dm.unlabeled_transforms, max_pixels=dm.unlabeled_set.max_pixels,
-                                        with_index=True)
-        dm.unlabeled_set.reseed(dm.seed + 3)
-        self.pool_size = len(pool)
+        if dm is None:
+            return
+        missing = missing_members(dm, SemiSupervisedData)
+        if missing:
+            raise ConfigError(f"model.semi_supervised: the datamodule {type(dm).__name__} has no "
+                              f"{', '.join(missing)}(request): it cannot be asked for the weak and strong views of "
+                              "its unlabeled images (visiontune.models.protocols.SemiSupervisedData); use "
+                              "visiontune.ImageDataModule, or implement it")
+        request = UnlabeledViews(ratio=self.cfg.mu, class_names=tuple(module.class_names or ()))
+        self.pool_size = dm.request_unlabeled_views(request)
 
     # ------------------------------------------------------------------ lazily built helpers
     def _ensure_teacher(self, module: "ClassifierModel") -> None:
@@ -217,46 +205,6 @@ class FixMatchState:
                 obj.load_state_dict(value)
             else:
                 self._pending[key] = value
-
-
-def _labels_in_model_order(pool: Any, names: list[str]) -> Any:
-    """Re-index the pool's known labels onto the model's classes by name (unknown classes -> -1)."""
-    from ..data.sources import Samples
-
-    if not pool.class_names or list(pool.class_names) == names or not names:
-        return pool
-    index = {n: i for i, n in enumerate(names)}
-    lut = np.asarray([index.get(n, -1) for n in pool.class_names], dtype=np.int64)
-    labels = np.where(pool.labels >= 0, lut[np.clip(pool.labels, 0, None)], -1)
-    return Samples(pool.items, labels, list(names), pool.origin, dict(pool.extra))
-
-
-def check_readable(pool: Any, max_failures: int = 20) -> None:
-    """Raise a :class:`~visiontune.DataError` when no image of the unlabeled pool can be read.
-
-    Files are tried in order until one loads (usually the first), so a good pool costs one decode.
-
-    Example:
-        >>> from visiontune.data.sources import Samples
-        >>> check_readable(Samples([np.zeros((8, 8, 3), np.uint8)], np.array([-1]), []))
-    """
-    from ..data.images import BadImageError, load_image
-    from ..data.sources import DataError
-
-    failures: list[str] = []
-    for item in pool.items:
-        if isinstance(item, np.ndarray):
-            return
-        try:
-            load_image(item)
-            return
-        except BadImageError as err:
-            failures.append(f"{err.path}: {err.reason}")
-    if not failures:
-        raise DataError("the unlabeled pool is empty", "data.unlabeled")
-    shown = failures[:max_failures] + ([f"... and {len(failures) - max_failures} more"]
-                                       if len(failures) > max_failures else [])
-    raise DataError([f"none of the {len(failures)} unlabeled images can be read"] + shown, "data.unlabeled")
 
 
 def confident_old(old_logits: Tensor, threshold: float) -> tuple[Tensor, Tensor]:

@@ -307,14 +307,13 @@ class FeatureCache(Callback):
         self.splits = tuple(splits)
         self.hits: dict[str, str] = {}
         self.misses: list[str] = []
-        self._saved: dict[str, Any] = {}
+        self._served: list[str] = []  # the splits whose features the datamodule serves
 
-    def _load_or_extract(self, net: nn.Module, model_name: str, weights_fp: str, role: str, ds: Any,
-                         transform: Any, transform_cfg: dict, batch_size: int, workers: int) -> FeatureDataset:
-        from ..data.dataset import ImageDataset
-
+    def _load_or_extract(self, net: nn.Module, model_name: str, weights_fp: str, role: str, view: Any,
+                         transform_cfg: dict, batch_size: int, workers: int) -> FeatureDataset:
+        """The features of ``view`` (the split under the eval transform, built by the datamodule)."""
         pooled = _can_pool(net)
-        key = cache_key(model_name, weights_fp, fingerprint_items(ds.samples.items), transform_cfg, pooled)
+        key = cache_key(model_name, weights_fp, fingerprint_items(view.samples.items), transform_cfg, pooled)
         entry = _MEMORY.get(key)
         if entry is not None:
             _MEMORY.move_to_end(key)
@@ -326,8 +325,7 @@ class FeatureCache(Callback):
             entry = (data["features"], data["labels"])
             self.hits[role] = "disk"
         else:
-            plain = ImageDataset(ds.samples, transform, max_pixels=getattr(ds, "max_pixels", None))
-            feats, labels, pooled = extract_features(net, plain, batch_size=batch_size, pooled=pooled,
+            feats, labels, pooled = extract_features(net, view, batch_size=batch_size, pooled=pooled,
                                                      num_workers=workers)
             entry = (feats, labels)
             self.misses.append(role)
@@ -340,47 +338,48 @@ class FeatureCache(Callback):
         _MEMORY[key] = entry
         while len(_MEMORY) > _MEMORY_MAX_ENTRIES:
             _MEMORY.popitem(last=False)
-        return FeatureDataset(entry[0], entry[1], ds.samples, pooled)
+        return FeatureDataset(entry[0], entry[1], view.samples, pooled)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Runs after the datamodule's setup and before the train loader is first built (Lightning builds
         # it to estimate the scheduler's steps, then keeps it): the datasets must be swapped here.
         if stage != "fit":
             return
-        from ..data.datamodule import ImageDataModule
-        from ..data.transforms import eval_transform
+        from ..models.protocols import FeatureServingData, missing_members
 
         dm = trainer.datamodule
         if getattr(pl_module, "net", None) is None and hasattr(pl_module, "setup"):
             pl_module.setup(stage)  # build the model from the data's classes (idempotent)
         net = getattr(pl_module, "net", None)
-        if not isinstance(dm, ImageDataModule) or net is None:
-            raise ValueError("model.cache_features needs an ImageDataModule (data=...) and a TransferClassifier")
-        size, mean, std, interp = dm._resolve_normalisation()
+        missing = missing_members(dm, FeatureServingData) if dm is not None else []
+        if dm is None or missing or net is None:
+            why = f": the datamodule {type(dm).__name__} has no {', '.join(missing)} " \
+                  "(visiontune.models.protocols.FeatureServingData)" if missing else ""
+            raise ValueError(f"model.cache_features needs an ImageDataModule (data=...) and a TransferClassifier{why}")
+        transform_cfg = dm.eval_view_settings()
+        size = transform_cfg["image_size"]
         problems = frozen_prefix_problems(net, getattr(pl_module.hparams, "bn", "frozen"), size)
         if problems:
             raise ValueError("model.cache_features: the backbone is not a fixed function here: " + "; ".join(problems))
-        transform = eval_transform(size, mean, std, interp)
-        transform_cfg = {"image_size": size, "mean": list(mean), "std": list(std), "interpolation": interp}
         model_name = str(getattr(pl_module.hparams, "backbone", type(net).__name__))
         weights_fp = fingerprint_weights(net)
         batch_size = self.batch_size or dm.batch_size  # the training batch size: the same conv kernels run
         pl_module.to(trainer.strategy.root_device)  # extract where training runs (the strategy moves it anyway)
-        self.hits, self.misses, self._saved = {}, [], {}
+        self.hits, self.misses, self._served = {}, [], []
         for role in self.splits:
-            ds = getattr(dm, f"{role}_set", None)
-            if ds is None or not hasattr(ds, "samples") or isinstance(ds, FeatureDataset):
+            view = dm.eval_view(role)  # the datamodule builds the deterministic view; it serves what we hand back
+            if view is None:
                 continue
-            self._saved[role] = ds
-            setattr(dm, f"{role}_set", self._load_or_extract(net, model_name, weights_fp, role, ds, transform,
-                                                             transform_cfg, batch_size, dm._workers()))
+            self._served.append(role)
+            dm.serve(role, self._load_or_extract(net, model_name, weights_fp, role, view, transform_cfg, batch_size,
+                                                 dm.loader_workers()))
         pl_module.features_input = True
 
     def _restore(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dm = trainer.datamodule
-        for role, ds in self._saved.items():
-            setattr(dm, f"{role}_set", ds)
-        self._saved = {}
+        for role in self._served:
+            dm.serve(role, None)  # the images again
+        self._served = []
         pl_module.features_input = False
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
