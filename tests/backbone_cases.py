@@ -78,10 +78,6 @@ CAUSE_NFNET_LORA = (
     "LoRA skips ScaledStdConv2d (every NFNet conv) and wraps only SE convs behind zero-gain residual branches: "
     "no gradient reaches a LoRA factor at random init: strategies/lora.py:_preset"
 )
-CAUSE_NORM_NOTHING = (
-    "norm training nothing: no layer is recognised as a norm (NormFreeNet has none, ResMLP's Affine), so norm "
-    "trains only the head instead of refusing: strategies/freeze.py:apply_norm"
-)
 CAUSE_SSF_STDCONV = (
     "ssf merge folds the scale into a weight-standardised conv (ScaledStdConv2d re-standardises it in forward): "
     "merged logits differ by ~0.1: strategies/ssf.py:_fold"
@@ -165,7 +161,7 @@ CASES: list[Case] = [
     Case("rexnet", "rexnet_100", {"width_mult": 0.5}, refuses=CNN_NO_STAGES),
     Case("dla", "dla34", {"levels": [1, 1, 1, 1, 1, 1], "channels": [8, 8, 16, 16, 32, 64]}, refuses=CNN_NO_STAGES),
     Case("nfnet", "test_nfnet", {}, refuses=CNN,
-         broken={**_each(LORA_FAMILY, CAUSE_NFNET_LORA), "norm": CAUSE_NORM_NOTHING, "ssf": CAUSE_SSF_STDCONV}),
+         broken={**_each(LORA_FAMILY, CAUSE_NFNET_LORA), "ssf": CAUSE_SSF_STDCONV}),
     Case("byobnet", "test_byobnet", {}, refuses=CNN),
     Case("lcnet", "lcnet_050", {}, refuses=CNN),
     Case("vovnet", "ese_vovnet19b_slim_dw", {}, refuses=CNN),
@@ -212,11 +208,9 @@ CASES: list[Case] = [
     # ---- nightly (VISIONTUNE_NIGHTLY=1): bigger models, families timm gives no shrinking arguments for
     Case("inception_v3", "inception_v3", {}, size=75, nightly=True, refuses=CNN_NO_STAGES),
     Case("nfnet-resnet", "nf_resnet26", {}, nightly=True, refuses=_r("vpt", "lora"),
-         broken={"dora": CAUSE_LORA_MESSAGE, "qlora": CAUSE_LORA_MESSAGE, "norm": CAUSE_NORM_NOTHING,
-                 "ssf": CAUSE_SSF_STDCONV}),
+         broken={"dora": CAUSE_LORA_MESSAGE, "qlora": CAUSE_LORA_MESSAGE, "ssf": CAUSE_SSF_STDCONV}),
     Case("vit-relpos", "test_vit_relpos", {"img_size": 32}, nightly=True, refuses=_r("vpt")),
-    Case("resmlp", "resmlp_12_224", {"img_size": 32}, nightly=True, refuses=_r("vpt", "adapter"),
-         broken={"norm": CAUSE_NORM_NOTHING}),
+    Case("resmlp", "resmlp_12_224", {"img_size": 32}, nightly=True, refuses=_r("vpt", "adapter")),
     Case("gmlp", "gmlp_ti16_224", {"img_size": 32}, nightly=True, refuses=_r("vpt", "adapter")),
     Case("poolformer", "poolformer_s12", {}, nightly=True, refuses=CNN, broken={"last_k": CAUSE_GROUP_MATCHER}),
     Case("caformer", "caformer_s18", {}, nightly=True, refuses=_r("vpt"),

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from ..models.groups import depth_groups
+from ..models.heads import find_head
 from .base import StrategyConfig, StrategyError, register_strategy
 
 _NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -18,6 +19,34 @@ def _norm_parameter_ids(model: nn.Module) -> set[int]:
     for m in model.modules():
         if isinstance(m, _NORMS) or type(m).__name__.endswith(("Norm", "Norm2d", "NormAct2d")):
             ids.update(id(p) for p in m.parameters(recurse=False))
+    return ids
+
+
+def _per_channel(p: nn.Parameter) -> bool:
+    """A vector along one dim (``(C,)``, ``(1, 1, C)``, ``(C, 1, 1, 1)``): a per-channel scale or shift."""
+    return p.ndim >= 1 and sum(s > 1 for s in p.shape) <= 1
+
+
+def norm_role_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters that play a norm layer's role in a model without norm layers: the per-channel scale and shift
+    of affine layers (modules whose only parameters are one or two per-channel vectors: ResMLP's ``Affine``,
+    ``LayerScale``), and the gain and bias of weight-standardised convolutions (NF-nets' ``ScaledStdConv2d``:
+    ``W' = gain·(W − mean)/std``, the affine after the standardisation).
+
+    Example:
+        >>> from timm.layers import ScaledStdConv2d
+        >>> conv = ScaledStdConv2d(3, 4, 3)
+        >>> norm_role_parameter_ids(nn.Sequential(conv, nn.PReLU())) == {id(conv.gain), id(conv.bias)}
+        True
+    """
+    ids: set[int] = set()
+    for m in model.modules():
+        direct = list(m.parameters(recurse=False))
+        if isinstance(m, nn.Conv2d) and isinstance(getattr(m, "gain", None), nn.Parameter):
+            ids.update(id(p) for p in (m.gain, m.bias) if p is not None and _per_channel(p))
+        elif (0 < len(direct) <= 2 and len(list(m.parameters())) == len(direct) and all(map(_per_channel, direct))
+              and not isinstance(m, (nn.PReLU, nn.Linear, nn.modules.conv._ConvNd, nn.Embedding))):
+            ids.update(id(p) for p in direct)
     return ids
 
 
@@ -111,8 +140,23 @@ class NormConfig(StrategyConfig):
 
 @register_strategy("norm", NormConfig)
 def apply_norm(model: nn.Module, cfg: NormConfig) -> None:
-    """Norm tuning: only normalisation scales and shifts train."""
-    norm_ids = _norm_parameter_ids(model)
-    for p in model.parameters():
+    """Norm tuning: only normalisation scales and shifts train (without norm layers: what plays their role).
+
+    A model without normalisation layers (NF-nets, ResMLP) trains the parameters of
+    :func:`norm_role_parameter_ids` instead: affine layers and weight-standardisation gains. With neither,
+    the strategy refuses (a :class:`StrategyError` naming it and the model), instead of training only the head.
+    """
+    head = set(find_head(model, missing_ok=True).parameter_names)
+    params = [(n, p) for n, p in model.named_parameters() if n not in head]
+    norm_ids = _norm_parameter_ids(model) & {id(p) for _, p in params}
+    if not norm_ids:
+        norm_ids = norm_role_parameter_ids(model) & {id(p) for _, p in params}
+    if not norm_ids:
+        raise StrategyError(
+            f"strategy 'norm' does not fit {type(model).__name__}: it has no normalisation layer (BatchNorm, "
+            "LayerNorm, GroupNorm), no affine layer and no weight-standardisation gain to train; use 'bitfit' "
+            "or 'ssf' (a trainable per-channel scale and shift after every layer)"
+        )
+    for _, p in params:
         if id(p) in norm_ids:
             p.requires_grad_(True)
