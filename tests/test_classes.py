@@ -332,3 +332,32 @@ def test_expand_classes_with_anchors_uses_only_confident_old_images():
                    anchor_threshold=0.01)
     assert not torch.equal(used.get_classifier().weight[3:], plain.get_classifier().weight[3:])
     assert torch.equal(used.get_classifier().weight[:3], old_w)
+
+
+def test_label_new_in_pool_labels_only_new_looking_images_by_refined_prototypes():
+    """Images whose new-class probability is low stay unlabelled (-1); the others get the new class of the
+    nearest prototype after k-means refinement over the pool, which fixes what the support alone gets
+    wrong (class 0's one support image sits between its cluster and class 2's)."""
+    from visiontune.objectives.pool_labels import label_new_in_pool
+
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[4.0, 0.0, 0.0], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0]])
+    pool_new = torch.cat([centres[j] + 0.5 * torch.randn(15, 3, generator=g) for j in range(3)])
+    pool = torch.cat([pool_new, torch.tensor([[-4.0, -4.0, -4.0]]) + 0.3 * torch.randn(10, 3, generator=g)])
+    truth = torch.arange(3).repeat_interleave(15) + 1  # one old class, then three new
+    support = torch.tensor([[1.0, 0.0, 3.5], [0.0, 4.0, 0.0], [0.0, 0.0, 4.0]])
+    probs = torch.zeros(55, 4)
+    probs[:45, 1:] = 0.3   # new mass 0.9
+    probs[:45, 0] = 0.1
+    probs[45:, 0] = 0.95   # new mass 0.05
+    probs[45:, 1] = 0.05
+
+    def labels(**kw):
+        return label_new_in_pool(probs, 1, support, torch.tensor([0, 1, 2]), pool, **kw)
+
+    refined, support_only = labels(), labels(iters=0)
+    assert refined.dtype == torch.long and refined.shape == (55,)
+    assert refined[45:].tolist() == [-1] * 10
+    assert (refined[:45] == truth).float().mean() == 1.0
+    assert (support_only[:45] == truth).float().mean() < 0.95  # 3 of 45 wrong: refining fixes them
+    assert labels(new_mass=0.95).tolist() == [-1] * 55

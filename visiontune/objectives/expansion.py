@@ -111,6 +111,7 @@ class ClassExpansion:
         self.new_class_names: list[str] = []
         self._old_rows: tuple[Tensor, Tensor | None] | None = None
         self._hooks: list[Any] = []
+        self.pool_labels: Tensor | None = None  # pool index -> new class, or -1 (set by _label_pool)
 
     # ------------------------------------------------------------------ the old model
     def checkpoint(self) -> dict[str, Any]:
@@ -216,14 +217,17 @@ class ClassExpansion:
         self.new_class_names = order[len(old):]
         if module.net is None:
             support = self._support(module, dm, order) if self.new_class_names else None
-            anchors = self._anchors(module, dm) if self.new_class_names else None
+            anchors, pool_idx = self._anchors(module, dm) if self.new_class_names else (None, None)
             module.class_names = list(order)
 
             def grow(net: nn.Module) -> int:
                 self._load_old(module, net)
                 self.old_model = self._freeze_copy(net)  # LwF targets, old-class anchoring of pseudo-labels
                 if self.new_class_names:
-                    expand_classes(net, self.new_class_names, support, old_class_names=old, anchors=anchors)
+                    expand_classes(net, self.new_class_names, support, old_class_names=old, anchors=anchors,
+                                   anchor_threshold=self.cfg.anchor_threshold)
+                    if anchors is not None and self.cfg.label_pool:
+                        self._label_pool(module, net, support, anchors, pool_idx, len(dm.unlabeled_set))
                 return len(order)
 
             module._build(len(old), None, prepare=grow)
@@ -279,15 +283,48 @@ class ClassExpansion:
         cfg = module.data_config
         return eval_transform(size, res.get("mean") or cfg["mean"], res.get("std") or cfg["std"])
 
-    def _anchors(self, module: "ClassifierModel", dm: Any, limit: int = 512) -> Tensor | None:
-        """Up to ``limit`` unlabeled images (eval transform, a fixed random subset) to calibrate the new
-        head rows against (:func:`visiontune.models.heads.calibrate_new_rows`); None without a pool."""
+    def _anchors(self, module: "ClassifierModel", dm: Any, limit: int = 4096) -> tuple[Tensor | None, Any]:
+        """Up to ``limit`` unlabeled images (eval transform, a fixed random subset) and their pool indices:
+        the anchors that calibrate the new head rows (:func:`visiontune.models.heads.calibrate_new_rows`)
+        and the images :meth:`_label_pool` labels; ``(None, None)`` without a pool."""
         ds = getattr(dm, "unlabeled_set", None)
         if ds is None or not len(ds):
-            return None
+            return None, None
         t = self._eval_transform(module, dm)
-        idx = np.random.default_rng(0).permutation(len(ds))[:limit]
-        return torch.stack([t(image=ds.load(int(i)))["image"] for i in idx])
+        idx = np.sort(np.random.default_rng(0).permutation(len(ds))[:limit])
+        return torch.stack([t(image=ds.load(int(i)))["image"] for i in idx]), torch.as_tensor(idx)
+
+    def _prior(self, module: "ClassifierModel", net: nn.Module) -> nn.Module:
+        """The backbone with the weights the old model started from (its pretrained features tell new
+        classes apart better than the fine-tuned ones); the old model itself when it started from none."""
+        weights = (self.checkpoint().get("hyper_parameters") or {}).get("weights")
+        if weights is None:
+            return net
+        from ..models.backbones import create_backbone
+
+        kwargs = dict(module.hparams.backbone_args or {})
+        return create_backbone(module.hparams.backbone, weights, num_classes=0, **kwargs).eval()
+
+    def _label_pool(self, module: "ClassifierModel", net: nn.Module, support: tuple[Tensor, Tensor],
+                    anchors: Tensor, pool_idx: Tensor, pool_size: int) -> None:
+        """Label the pool images that look new once (:func:`visiontune.objectives.pool_labels.label_new_in_pool`)."""
+        from .pool_labels import label_new_in_pool, pooled_features
+
+        head = net.get_classifier()
+        with torch.no_grad():
+            probs = head(pooled_features(net, anchors).to(head.weight.dtype)).softmax(1).float().cpu()
+        prior = self._prior(module, net)
+        labels = label_new_in_pool(probs, len(self.old_class_names), pooled_features(prior, support[0]), support[1],
+                                   pooled_features(prior, anchors))
+        table = torch.full((pool_size,), -1, dtype=torch.long)
+        table[pool_idx] = labels
+        self.pool_labels = table
+
+    def pool_labels_for(self, index: Tensor | None) -> Tensor | None:
+        """The setup-time labels (``-1``: none) of the unlabeled images with these pool indices, or None."""
+        if index is None or self.pool_labels is None:
+            return None
+        return self.pool_labels.to(index.device)[index.long()]
 
     def state_dict(self) -> dict[str, Any]:
         """What evaluation needs without the ``init_from`` file: the old and new class names."""

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from ..errors import ConfigError
 from .semisup import FixMatchConfig, fixmatch_loss, forward_train, predict_weak
-from .semisup_state import DistributionAlignment, EMATeacher, FlexMatchThresholds
+from .semisup_state import DistributionAlignment, FlexMatchThresholds
 
 if TYPE_CHECKING:  # pragma: no cover
     from .expansion import ClassExpansion
@@ -55,7 +55,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["FixMatchState", "as_fixmatch_config", "ema_decay", "training_step"]
 
-from ..training.ema import ema_decay  # noqa: E402  (re-exported: FixMatch's teacher uses the same warm-up)
+# the EMA teacher is a WeightEMA (warm-up, one update per optimizer step); ema_decay re-exported (old path)
+from ..training.ema import WeightEMA, ema_decay  # noqa: E402
 
 
 def as_fixmatch_config(value: Union[FixMatchConfig, Mapping[str, Any], None]) -> Optional[FixMatchConfig]:
@@ -99,11 +100,10 @@ class FixMatchState:
 
     def __init__(self, cfg: FixMatchConfig) -> None:
         self.cfg = cfg
-        self.teacher: EMATeacher | None = None
+        self.teacher: WeightEMA | None = WeightEMA(cfg.ema) if cfg.ema is not None else None
         self.da: DistributionAlignment | None = None
         self.flex: FlexMatchThresholds | None = None
         self.pool_size: int | None = None
-        self.last_ema_step = -1
         self._pending: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ data
@@ -131,10 +131,8 @@ class FixMatchState:
 
     # ------------------------------------------------------------------ lazily built helpers
     def _ensure_teacher(self, module: "ClassifierModel") -> None:
-        if self.cfg.ema is not None and self.teacher is None:
-            self.teacher = EMATeacher(module.net, self.cfg.ema)
-            if "teacher" in self._pending:
-                self.teacher.load_state_dict(self._pending.pop("teacher"))
+        if self.teacher is not None:
+            self.teacher.ensure(module.net)  # a copy of the student (a restored state loads into it)
 
     def _ensure(self, module: "ClassifierModel") -> None:
         cfg, n = self.cfg, module.num_classes
@@ -158,14 +156,7 @@ class FixMatchState:
 
         It evaluates the model: see :meth:`TransferClassifier.evaluated_net`.
         """
-        if self.cfg.ema is None:
-            return None
-        self._ensure_teacher(module)
-        assert self.teacher is not None
-        first = next(module.net.parameters(), None)
-        if first is not None and next(self.teacher.module.parameters()).device != first.device:
-            self.teacher.module.to(first.device)
-        return self.teacher.module
+        return None if self.teacher is None else self.teacher.ensure(module.net)
 
     def weak_logits(self, module: "ClassifierModel", x_weak: Tensor) -> Tensor:
         """Detached logits of the weak views (teacher in eval mode, or the student as it is; no graph)."""
@@ -173,17 +164,12 @@ class FixMatchState:
         return predict_weak(teacher if teacher is not None else module.net, x_weak)
 
     def after_step(self, module: "ClassifierModel") -> None:
-        """Move the EMA teacher toward the student once per optimizer step."""
-        if self.cfg.ema is None or module._trainer is None:
+        """Move the EMA teacher toward the student once per optimizer step (:meth:`WeightEMA.update`: the
+        warm-up of :func:`ema_decay`; gradient accumulation repeats are skipped)."""
+        if self.teacher is None or module._trainer is None:
             return
-        step = int(module.trainer.global_step)
-        if step == self.last_ema_step:
-            return  # gradient accumulation: no optimizer step since the last update
         self._ensure(module)
-        assert self.teacher is not None
-        self.teacher.decay = ema_decay(self.cfg.ema, self.teacher.num_updates)
-        self.teacher.update(module.net)
-        self.last_ema_step = step
+        self.teacher.update(module.net, int(module.trainer.global_step))
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -191,13 +177,18 @@ class FixMatchState:
         def get(obj: Any, key: str) -> Any:
             return obj.state_dict() if obj is not None else self._pending.get(key)
 
-        return {"config": dataclasses.asdict(self.cfg), "teacher": get(self.teacher, "teacher"),
-                "da": get(self.da, "da"), "flex": get(self.flex, "flex"), "last_ema_step": self.last_ema_step}
+        ema = self.teacher.state_dict() if self.teacher is not None else {"teacher": self._pending.get("teacher"),
+                                                                          "last_step": -1}
+        return {"config": dataclasses.asdict(self.cfg), "teacher": ema["teacher"], "da": get(self.da, "da"),
+                "flex": get(self.flex, "flex"), "last_ema_step": ema["last_step"]}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore; helpers already built load now, the others when they are built."""
-        self.last_ema_step = int(state.get("last_ema_step", -1))
-        for key in ("teacher", "da", "flex"):
+        if self.teacher is not None:
+            self.teacher.load_state_dict({"last_step": state.get("last_ema_step", -1), "teacher": state.get("teacher")})
+        elif state.get("teacher") is not None:
+            self._pending["teacher"] = state["teacher"]
+        for key in ("da", "flex"):
             value, obj = state.get(key), getattr(self, key)
             if value is None:
                 continue
@@ -316,7 +307,13 @@ def _fixmatch_losses(module: "ClassifierModel", fm: FixMatchState, expansion: Op
     x_sup, y_sup, replayed = x, y, None
     if expansion is not None and expansion.old_model is not None:
         old_weak = expansion.old_logits(x_w)
-        anchored, old_cls = confident_old(old_weak, fm.cfg.threshold)
+        anchored, old_cls = confident_old(old_weak, expansion.cfg.anchor_threshold)
+        pool = expansion.pool_labels_for(index)  # new classes, labelled once at setup (-1: unknown)
+        if pool is not None:  # the grown head's "this is new" beats the old model's (over-)confidence
+            new_known = pool >= 0
+            old_cls = torch.where(new_known, pool, old_cls)
+            anchored = anchored | new_known
+            logs["train_pool_labelled"] = float(new_known.sum())
         weak = _anchor(weak, anchored, old_cls)
         if expansion.cfg.replay:
             replayed = anchored
