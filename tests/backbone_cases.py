@@ -74,14 +74,6 @@ def options(strategy: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ causes
 # Each broken cell names one of these: what breaks, and where (the first failure of the cell).
-CAUSE_NFNET_LORA = (
-    "LoRA skips ScaledStdConv2d (every NFNet conv) and wraps only SE convs behind zero-gain residual branches: "
-    "no gradient reaches a LoRA factor at random init: strategies/lora.py:_preset"
-)
-CAUSE_SSF_STDCONV = (
-    "ssf merge folds the scale into a weight-standardised conv (ScaledStdConv2d re-standardises it in forward): "
-    "merged logits differ by ~0.1: strategies/ssf.py:_fold"
-)
 CAUSE_SSF_CHANNEL_DIM = (
     "ssf finds a LayerNorm's channel dim by the class name ending in '2d'; MetaFormer's LayerNorm2dNoBias gets "
     "its affine on the last dim -> shape error: strategies/ssf.py:_channels"
@@ -160,8 +152,7 @@ CASES: list[Case] = [
     Case("ghostnet", "ghostnet_050", {}, refuses=CNN),
     Case("rexnet", "rexnet_100", {"width_mult": 0.5}, refuses=CNN_NO_STAGES),
     Case("dla", "dla34", {"levels": [1, 1, 1, 1, 1, 1], "channels": [8, 8, 16, 16, 32, 64]}, refuses=CNN_NO_STAGES),
-    Case("nfnet", "test_nfnet", {}, refuses=CNN,
-         broken={**_each(LORA_FAMILY, CAUSE_NFNET_LORA), "ssf": CAUSE_SSF_STDCONV}),
+    Case("nfnet", "test_nfnet", {}, refuses=CNN),
     Case("byobnet", "test_byobnet", {}, refuses=CNN),
     Case("lcnet", "lcnet_050", {}, refuses=CNN),
     Case("vovnet", "ese_vovnet19b_slim_dw", {}, refuses=CNN),
@@ -207,8 +198,7 @@ CASES: list[Case] = [
     Case("mixer", "mixer_s16_224", {"img_size": 32, "mlp_ratio": (0.5, 0.25)}, refuses=_r("vpt", "adapter")),
     # ---- nightly (VISIONTUNE_NIGHTLY=1): bigger models, families timm gives no shrinking arguments for
     Case("inception_v3", "inception_v3", {}, size=75, nightly=True, refuses=CNN_NO_STAGES),
-    Case("nfnet-resnet", "nf_resnet26", {}, nightly=True, refuses=_r("vpt", "lora"),
-         broken={"dora": CAUSE_LORA_MESSAGE, "qlora": CAUSE_LORA_MESSAGE, "ssf": CAUSE_SSF_STDCONV}),
+    Case("nfnet-resnet", "nf_resnet26", {}, nightly=True, refuses=CNN),
     Case("vit-relpos", "test_vit_relpos", {"img_size": 32}, nightly=True, refuses=_r("vpt")),
     Case("resmlp", "resmlp_12_224", {"img_size": 32}, nightly=True, refuses=_r("vpt", "adapter")),
     Case("gmlp", "gmlp_ti16_224", {"img_size": 32}, nightly=True, refuses=_r("vpt", "adapter")),

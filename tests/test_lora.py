@@ -557,3 +557,38 @@ def test_layer_whose_weight_is_read_directly_is_refused(strategy) -> None:
         apply_strategy(net, strategy, {"targets": ["proj", "stem"]})
     assert isinstance(net.proj, nn.Linear) and isinstance(net.stem, nn.Conv2d)  # nothing was wrapped
     apply_strategy(net, strategy, {"targets": ["stem"]})
+
+
+@pytest.mark.parametrize("strategy", ["lora", "qlora", "dora"])
+def test_weight_standardised_convs_are_adapted_on_their_standardised_weight(strategy) -> None:
+    """NF-nets are ScaledStdConv2d throughout; LoRA used to skip them (and train nothing that got a gradient).
+    Each becomes a plain frozen conv holding the weight its forward computes with, then a LoRA conv."""
+    torch.manual_seed(0)
+    net = timm.create_model("test_nfnet", num_classes=3).eval()
+    stds = [n for n, m in net.named_modules() if type(m).__name__ == "ScaledStdConv2d"]
+    pointwise = [n for n in stds if net.get_submodule(n).kernel_size == (1, 1) and net.get_submodule(n).groups == 1]
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = net(x)
+    apply_strategy(net, strategy, {"rank": 2})
+    layers = lora_layers(net)
+    wrapped = [n for n in stds if n in layers]
+    assert wrapped == pointwise and len(wrapped) == 13  # the preset: the 1x1 convs (most of the dense weights)
+    assert all(type(layers[n].base_layer).__name__ in ("Conv2d", "QuantizedConv2d") for n in wrapped)
+    net.eval()
+    with torch.no_grad():
+        if strategy == "qlora":
+            assert (net(x) - base).abs().max() < 0.1 * base.abs().max()  # int8 codes of the standardised weight
+            return
+        assert torch.equal(net(x), base)  # zero init: the base model, bit for bit
+        for layer in layers.values():
+            torch.nn.init.normal_(layer.lora_B, std=0.05)
+            if hasattr(layer, "lora_magnitude"):  # zero-gain convs start at m = 0, which merge refuses to divide
+                layer.lora_magnitude.add_(0.1)
+        ref = net(x)
+        merge(net)
+        torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-4)
+        unmerge(net)
+        merge_and_unload(net)
+        torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-4)
+    assert not lora_layers(net)

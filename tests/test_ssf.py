@@ -266,3 +266,30 @@ def test_ssf_trains_on_digits_and_rebuilds_from_its_delta(tmp_path) -> None:
     x, _ = next(iter(data.val_dataloader()))
     with torch.no_grad():
         assert torch.equal(rebuilt(x), model(x))
+
+
+def test_merge_folds_into_the_gain_of_weight_standardised_convs() -> None:
+    """ScaledStdConv2d re-standardises its weight in every forward, so a scale folded into the weight was lost
+    (merged NFNet logits off by ~0.1): it goes into the gain, exactly; a StdConv2d (no gain) refuses to merge."""
+    from timm.layers import ScaledStdConv2d, StdConv2d
+
+    torch.manual_seed(0)
+    net = nn.Sequential(ScaledStdConv2d(3, 4, 3, padding=1, bias=True))
+    apply_ssf(net, SSFConfig(ops=["conv"]))
+    _set(net[0].ssf, [0.5, 2.0, -1.5, 3.0], [0.1, -0.2, 0.3, 0.0])
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        ref = net(x)
+        weight, gain = net[0].weight.clone(), net[0].gain.clone()
+        assert merge_ssf(net) == 1
+        torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-5)
+        assert torch.equal(net[0].weight, weight)
+        assert torch.allclose(net[0].gain.flatten(), gain.flatten() * torch.tensor([0.5, 2.0, -1.5, 3.0]))
+        unmerge_ssf(net)
+        torch.testing.assert_close(net[0].gain, gain)
+    plain = nn.Sequential(StdConv2d(3, 4, 3, padding=1))
+    apply_ssf(plain, SSFConfig(ops=["conv"]))
+    with pytest.raises(StrategyError, match=r"SSF layer '0' follows a StdConv2d, .* cannot be merged"):
+        merge_ssf(plain)
+    with pytest.raises(StrategyError, match="cannot be merged"):
+        merge_and_unload(plain)

@@ -62,8 +62,9 @@ class _DoRA(LoRALayer):
         self.register_buffer("dora_merged_scale", None, persistent=False)  # m / ||.|| a merge applied
 
     def _scale(self, w: Tensor) -> Tensor:
-        """``m / ||w||_c`` (the norm detached), shaped to broadcast over the weight."""
-        scale = self.lora_magnitude / _channel_norm(w).detach()
+        """``m / ||w||_c`` (the norm detached), shaped to broadcast over the weight. A zero row (NF-nets' zero-gain
+        last convs standardise to an all-zero weight) has ``m = 0`` and scale 0, not 0/0."""
+        scale = self.lora_magnitude / _channel_norm(w).detach().clamp_min(torch.finfo(w.dtype).tiny)
         return scale.view(-1, *(1,) * (w.ndim - 1))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -50,7 +50,8 @@ from .lora_layers import LORA_INITS, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVL
 from .lora_options import check_lora_options, lora_alpha, lora_scaling, regex_list
 from .lora_select import check_called, lora_candidates, route_direct_reads, select_targets
 from .ssf import merge_ssf, unload_ssf, unmerge_ssf
-from .quant import SUPPORTED_BITS, QuantizedBase, QuantizedConv2d, QuantizedLinear, conv_is_supported
+from .quant import (SUPPORTED_BITS, QuantizedBase, QuantizedConv2d, QuantizedLinear, conv_is_supported,
+                    is_weight_standardized, standardized_conv)
 
 __all__ = [
     "LoRAConfig",
@@ -234,6 +235,8 @@ def _wrap(name: str, m: nn.Module, cfg: LoRAConfig, bits: int | None, capped: li
             f"LoRA target {name!r} is a grouped convolution (groups={m.groups}) and option 'conv_groups' is "
             "'refuse'; use conv_groups='per_group' (a delta that keeps the groups) or add it to 'exclude'"
         )
+    if is_weight_standardized(m):  # NF-nets, BiT: LoRA on the standardised weight the frozen base computes with
+        m = standardized_conv(m)
     if not conv_is_supported(m):
         raise StrategyError(
             f"LoRA target {name!r} is a {type(m).__name__} with its own forward (a merged delta would not be "

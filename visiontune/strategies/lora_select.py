@@ -31,7 +31,7 @@ from ..models.heads import find_head
 from .base import StrategyError
 from .lora_layers import LoRALayer
 from .probe import probe
-from .quant import conv_is_supported
+from .quant import conv_is_supported, is_weight_standardized
 
 __all__ = ["check_called", "lora_candidates", "route_direct_reads", "select_targets"]
 
@@ -54,6 +54,11 @@ def lora_candidates(model: nn.Module) -> dict[str, nn.Module]:
     return out
 
 
+def _adaptable(conv: nn.Conv2d) -> bool:
+    """A conv LoRA reproduces: plain, timm 'same', or weight-standardised (adapted on its standardised weight)."""
+    return conv_is_supported(conv) or is_weight_standardized(conv)
+
+
 def _wsize(m: nn.Module) -> int:
     return m.weight.numel()
 
@@ -64,7 +69,7 @@ def _preset(cands: dict[str, nn.Module]) -> list[str]:
     if linear and sum(_wsize(cands[n]) for n in linear) >= sum(_wsize(cands[n]) for n in convs):
         return linear  # ViT-style: attention qkv/proj + MLP fc1/fc2 (everything but the head)
     stem = convs[:1]  # the first conv sees the image: few weights, little to gain
-    dense = [n for n in convs[1:] if cands[n].groups == 1 and conv_is_supported(cands[n])]
+    dense = [n for n in convs[1:] if cands[n].groups == 1 and _adaptable(cands[n])]
     pointwise = [n for n in dense if tuple(cands[n].kernel_size) == (1, 1)]
     if 3 * sum(_wsize(cands[n]) for n in pointwise) >= sum(_wsize(cands[n]) for n in dense):
         return pointwise  # depthwise-separable / bottleneck nets: the 1×1 convs mix channels

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from .base import StrategyError
 
 __all__ = ["SUPPORTED_BITS", "QuantizedBase", "QuantizedConv2d", "QuantizedLinear", "conv_is_supported", "conv_like",
-           "is_same_pad"]
+           "is_same_pad", "is_weight_standardized", "standardized_conv", "standardized_weight"]
 
 SUPPORTED_BITS = (4, 8)
 """The bit widths a frozen weight can be quantized to (qlora's ``bits``): 4 (NF4) or 8 (int8)."""
@@ -55,6 +55,45 @@ def conv_like(conv: nn.Module, same_pad: bool, x: Tensor, weight: Tensor, bias: 
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
         return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, groups)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def is_weight_standardized(conv: nn.Module) -> bool:
+    """timm's weight-standardised convs (``StdConv2d``, ``ScaledStdConv2d`` and their ``Same`` forms: BiT,
+    NF-nets): the forward convolves with ``gain·scale·(W − mean)/sqrt(var + eps)``, not ``W``."""
+    try:
+        from timm.layers import ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return False
+    return isinstance(conv, (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame))
+
+
+def standardized_weight(conv: nn.Conv2d) -> Tensor:
+    """The weight a weight-standardised conv's forward uses (the same ``F.batch_norm`` expression as timm's)."""
+    gain = getattr(conv, "gain", None)
+    affine = None if gain is None else (gain * conv.scale).view(-1)
+    return F.batch_norm(conv.weight.reshape(1, conv.out_channels, -1), None, None, weight=affine, training=True,
+                        momentum=0.0, eps=conv.eps).reshape_as(conv.weight)
+
+
+@torch.no_grad()
+def standardized_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A plain frozen conv (timm ``Conv2dSame`` for dynamic 'same' padding) computing what the weight-standardised
+    ``conv`` computes: its weight is the standardised one. A frozen base standardises to the same weight every
+    forward, so LoRA (and QLoRA, DoRA) adapt this weight, merge into it exactly and unload to a plain conv."""
+    w = standardized_weight(conv)
+    kw = dict(stride=conv.stride, dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+              device=w.device, dtype=w.dtype)
+    if getattr(conv, "same_pad", False):
+        from timm.layers import Conv2dSame
+
+        out: nn.Conv2d = Conv2dSame(conv.in_channels, conv.out_channels, conv.kernel_size, **kw)
+    else:
+        out = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding,
+                        padding_mode=conv.padding_mode, **kw)
+    out.weight.copy_(w)
+    if conv.bias is not None:
+        out.bias.copy_(conv.bias)
+    return out.requires_grad_(False).train(conv.training)
 
 
 # ------------------------------------------------------------------------------------ quantization

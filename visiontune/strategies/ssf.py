@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..models.heads import find_head
 from .base import StrategyConfig, StrategyError, register_strategy
 from .lora_options import regex_list
+from .quant import is_weight_standardized
 
 __all__ = ["SSF", "SSFConfig", "SSF_OPS", "apply_ssf", "merge_ssf", "merged_ssf_tensors", "ssf_sites",
            "ssf_targets", "unload_ssf", "unmerge_ssf"]
@@ -221,6 +222,13 @@ def ssf_sites(model: nn.Module) -> dict[str, nn.Module]:
 
 # (parameter name, multiplied only) of what a fold changes: W ← scale·W, b ← scale·b + shift
 _FOLDED = (("weight", True), ("bias", False))
+# weight-standardised convs (NF-nets' ScaledStdConv2d) re-standardise W in every forward: the scale goes into
+# their gain, the affine after the standardisation (gain·scale·std(W)), exactly
+_FOLDED_GAIN = (("gain", True), ("bias", False))
+
+
+def _folded(m: nn.Module) -> tuple[tuple[str, bool], ...]:
+    return _FOLDED_GAIN if is_weight_standardized(m) else _FOLDED
 
 
 def _view(v: Tensor, m: nn.Module, t: Tensor) -> Tensor:
@@ -230,7 +238,14 @@ def _view(v: Tensor, m: nn.Module, t: Tensor) -> Tensor:
     return v  # norms: weight/bias are (C,) or LayerNorm's normalized_shape (..., C)
 
 
+def _check_foldable(name: str, m: nn.Module) -> None:
+    if is_weight_standardized(m) and not isinstance(getattr(m, "gain", None), nn.Parameter):
+        raise StrategyError(f"SSF layer {name!r} follows a {type(m).__name__}, which re-standardises its weight in "
+                            "every forward and has no gain to fold the scale into: it cannot be merged")
+
+
 def _check(name: str, m: nn.Module, safe: bool) -> None:
+    _check_foldable(name, m)
     s = m.ssf.scale.detach()
     if (s == 0).any():
         raise StrategyError(f"SSF layer {name!r} has a zero scale: an in-place merge could not be undone; "
@@ -244,7 +259,7 @@ def _check(name: str, m: nn.Module, safe: bool) -> None:
 def _fold(m: nn.Module) -> None:
     s, t = m.ssf.scale.detach(), m.ssf.shift.detach()
     created = []
-    for pname, mult in _FOLDED:
+    for pname, mult in _folded(m):
         p = getattr(m, pname, None)
         if p is None:
             shape = m.normalized_shape if isinstance(m, nn.LayerNorm) else s.shape
@@ -262,7 +277,7 @@ def _fold(m: nn.Module) -> None:
 @torch.no_grad()
 def _unfold(m: nn.Module) -> None:
     s, t = m.ssf.scale.detach(), m.ssf.shift.detach()
-    for pname, mult in _FOLDED:
+    for pname, mult in _folded(m):
         p = getattr(m, pname)
         if not mult:
             p.sub_(_view(t, m, p))
@@ -296,7 +311,7 @@ def unmerge_ssf(model: nn.Module) -> int:
 
 def merged_ssf_tensors(model: nn.Module) -> set[str]:
     """State-dict names of the base tensors a merge changed (they no longer equal the base's)."""
-    return {f"{n}.{p}" for n, m in ssf_sites(model).items() if m.ssf.merged for p, _ in _FOLDED}
+    return {f"{n}.{p}" for n, m in ssf_sites(model).items() if m.ssf.merged for p, _ in _folded(m)}
 
 
 def unload_ssf(model: nn.Module) -> int:
@@ -305,6 +320,9 @@ def unload_ssf(model: nn.Module) -> int:
     Returns the number of layers unloaded. The folded weights stay frozen.
     """
     sites = ssf_sites(model)
+    for name, m in sites.items():  # all checked before any is folded
+        if not m.ssf.merged:
+            _check_foldable(name, m)
     for m in sites.values():
         if not m.ssf.merged:
             _fold(m)
