@@ -1,11 +1,17 @@
-"""An exponential moving average of the trained weights, for supervised training (``model.ema``).
+"""An exponential moving average of the trained weights: ``model.ema``, and FixMatch's EMA teacher
+(``semi_supervised.ema``, :class:`visiontune.objectives.fixmatch.FixMatchState`), one implementation for both.
 
 The EMA evaluates (validation, test, predict, best-checkpoint choice) and is what task deltas save: see
-:meth:`visiontune.TransferClassifier.evaluated_net`. The averaging itself is
-:class:`visiontune.objectives.semisup_state.EMATeacher` (an exact ``lerp``: tensors the strategy never trains stay
-bit-identical to the base, so a delta of the EMA loads onto the base), with the warm-up of
-:func:`ema_decay` (``min(decay, (1 + n) / (10 + n))``), so that a short run is not
-dominated by the initial weights.
+:meth:`visiontune.TransferClassifier.evaluated_net`; with FixMatch it also makes the pseudo-labels. The averaging
+itself is :class:`visiontune.objectives.semisup_state.EMATeacher` (an exact ``lerp``: tensors the strategy never
+trains stay bit-identical to the base, so a delta of the EMA loads onto the base), with the warm-up of
+:func:`ema_decay` (``min(decay, (1 + n) / (10 + n))``), so that a short run is not dominated by the initial
+weights, and one update per optimizer step (gradient accumulation repeats are skipped).
+
+Why not ``timm.utils.ModelEmaV3``: its warm-up ``1 - (1 + s/gamma)^-power`` (gamma 9, power 1 is this curve) differs
+from ``(1 + n) / (10 + n)`` in the last bit at some steps (``0.10000000000000009`` for ``0.1`` at the first), its
+default starts with a copy (decay 0), and it averages ``state_dict()`` values, so a tensor shared under two names
+(tied weights; timm's CoaT) moves twice per step; the averages here are bit-identical to before.
 """
 
 from __future__ import annotations
@@ -59,8 +65,16 @@ class WeightEMA:
         """The averaged network (eval mode, no grad), or ``None`` before the first update."""
         return None if self.teacher is None else self.teacher.module
 
+    @property
+    def num_updates(self) -> int:
+        """Updates done so far (a restored checkpoint's count too)."""
+        if self.teacher is not None:
+            return int(self.teacher.num_updates)
+        return int((self._pending or {}).get("num_updates", 0))
+
     def ensure(self, net: nn.Module) -> nn.Module:
-        """Build the average from ``net`` if there is none yet (restoring a pending checkpoint state)."""
+        """The average, on ``net``'s device: built from ``net`` if there is none yet (restoring a pending
+        checkpoint state)."""
         if self.teacher is None:
             from ..objectives.semisup_state import EMATeacher
 
@@ -68,7 +82,11 @@ class WeightEMA:
             if self._pending is not None:
                 self.teacher.load_state_dict(self._pending)
                 self._pending = None
-        return self.teacher.module
+        first = next(net.parameters(), None)
+        average = self.teacher.module
+        if first is not None and next(average.parameters()).device != first.device:
+            average.to(first.device)
+        return average
 
     def update(self, net: nn.Module, step: int) -> None:
         """Move the average toward ``net``; once per optimizer ``step`` (repeats are ignored)."""
@@ -80,10 +98,12 @@ class WeightEMA:
         self.last_step = int(step)
 
     def state_dict(self) -> dict[str, Any]:
+        """``{"decay", "last_step", "teacher"}``: plain numbers and the average's tensors (``EMATeacher.state_dict``)."""
         teacher = self.teacher.state_dict() if self.teacher is not None else self._pending
         return {"decay": self.decay, "last_step": self.last_step, "teacher": teacher}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the average loads now, or when it is built (a missing teacher keeps it)."""
         self.last_step = int(state.get("last_step", -1))
         teacher = state.get("teacher")
         if teacher is None:

@@ -254,10 +254,7 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         """
         ema = self._fixmatch.teacher_module(self) if self._fixmatch is not None else None
         if self._ema is not None and self.net is not None:
-            ema = self._ema.ensure(self.net)
-            first = next(self.net.parameters(), None)
-            if first is not None and next(ema.parameters()).device != first.device:
-                ema.to(first.device)
+            ema = self._ema.ensure(self.net)  # on the net's device
         net = ema if ema is not None else self.net
         if checkpoint is None:
             return net
