@@ -3,6 +3,7 @@
     python benchmarks/new_classes.py                          # both sets, 3 seeds, every variant
     python benchmarks/new_classes.py --sets photos --seeds 0 --variants shipped,labeled_only
     python benchmarks/new_classes.py --variants "mine:model.lr=0.001,trainer.max_epochs=5"
+    python benchmarks/new_classes.py --quick                  # photos, seed 0, shipped config (~6 min)
 
 Each set of ``benchmarks/photosets.py`` is split as a user has it: some classes are *old* (the base
 model is trained on their training images with ``visiontune fit``, the recipe, 96 px), a few are *new*
@@ -169,8 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sets", default="photos,art4apps")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="names or 'name:key=value,key=value'; ';' separates")
-    ap.add_argument("--keep", help="keep the work folders here")
+    ap.add_argument("--keep", help="keep the work folders here (the split, base model and baseline are reused)")
+    ap.add_argument("--quick", action="store_true", help="photos, seed 0, the shipped config only")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.sets, args.seeds, args.variants = "photos", "0", "shipped"
     seeds = [int(s) for s in args.seeds.split(",")]
     specs = args.variants.split(";") if ";" in args.variants else args.variants.split(",")
     variants = [_parse_variant(s) for s in specs]
