@@ -74,10 +74,6 @@ def options(strategy: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ causes
 # Each broken cell names one of these: what breaks, and where (the first failure of the cell).
-CAUSE_SSF_CHANNEL_DIM = (
-    "ssf finds a LayerNorm's channel dim by the class name ending in '2d'; MetaFormer's LayerNorm2dNoBias gets "
-    "its affine on the last dim -> shape error: strategies/ssf.py:_channels"
-)
 CAUSE_ADAPTER_NHWC = (
     "adapter placement: NHWC stage outputs (MambaOut, Sequencer) read as NCHW, 1x1-conv adapters of the wrong "
     "width -> conv shape error: strategies/adapter.py:apply_adapter -> Adapter.forward"
@@ -204,7 +200,7 @@ CASES: list[Case] = [
     Case("gmlp", "gmlp_ti16_224", {"img_size": 32}, nightly=True, refuses=_r("vpt", "adapter")),
     Case("poolformer", "poolformer_s12", {}, nightly=True, refuses=CNN, broken={"last_k": CAUSE_GROUP_MATCHER}),
     Case("caformer", "caformer_s18", {}, nightly=True, refuses=_r("vpt"),
-         broken={"adapter": CAUSE_ADAPTER_MESSAGE, "last_k": CAUSE_GROUP_MATCHER, "ssf": CAUSE_SSF_CHANNEL_DIM}),
+         broken={"adapter": CAUSE_ADAPTER_MESSAGE, "last_k": CAUSE_GROUP_MATCHER}),
     Case("twins", "twins_svt_small", {"img_size": 32, "depths": (1, 1, 1, 1)}, nightly=True, refuses=_r("vpt")),
     Case("efficientvit-mit", "efficientvit_b0", {}, nightly=True, refuses=CNN),
     Case("efficientvit-msra", "efficientvit_m0", {"img_size": 64}, size=64, nightly=True, refuses=_r("vpt")),

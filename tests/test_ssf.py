@@ -293,3 +293,55 @@ def test_merge_folds_into_the_gain_of_weight_standardised_convs() -> None:
         merge_ssf(plain)
     with pytest.raises(StrategyError, match="cannot be merged"):
         merge_and_unload(plain)
+
+
+def test_layernorm_channel_dim_comes_from_the_output_not_the_name() -> None:
+    """MetaFormer's LayerNorm2dNoBias (NCHW, dim 1) does not end in '2d'; its LayerNormNoBias is last-dim: the
+    probe forward tells them apart, and merging stays exact."""
+    from timm.models.metaformer import Attention, LayerNorm2dNoBias, LayerNormNoBias, MetaFormer, SepConv
+
+    torch.manual_seed(0)
+    net = MetaFormer(depths=(1, 1, 1, 1), dims=(16, 32, 64, 128), token_mixers=[SepConv, SepConv, Attention, Attention],
+                     norm_layers=[LayerNorm2dNoBias] * 2 + [LayerNormNoBias] * 2, num_classes=3).eval()
+    apply_strategy(net, "ssf")
+    dims = {type(m).__name__: set() for m in net.modules()}
+    for m in ssf_sites(net).values():
+        dims[type(m).__name__].add(m.ssf.dim)
+    assert dims["LayerNorm2dNoBias"] == {1} and dims["LayerNormNoBias"] == {-1}
+    with torch.no_grad():
+        for m in ssf_sites(net).values():
+            m.ssf.scale.uniform_(0.5, 1.5)
+            m.ssf.shift.normal_(0, 0.1)
+        ref = net(X)
+        merge(net)
+        torch.testing.assert_close(net(X), ref, atol=1e-5, rtol=1e-4)
+
+
+class _ChannelsNorm(nn.LayerNorm):
+    """A LayerNorm over dim 1 of NCHW maps, named like no timm class."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class _ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 6, 3, stride=2)
+        self.norm = _ChannelsNorm(6)
+        self.fc = nn.Linear(6, 2)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.norm(self.conv(x)).mean((2, 3)))
+
+
+def test_a_custom_layernorm_is_placed_by_its_output_shape() -> None:
+    net = _ConvNet()
+    apply_ssf(net, SSFConfig(ops=["layernorm"]))
+    assert net.norm.ssf.dim == 1
+    with torch.no_grad():
+        net.norm.ssf.scale.copy_(torch.arange(1.0, 7.0))
+        assert net(X).shape == (2, 2)

@@ -55,11 +55,13 @@ def _in_chans(model: nn.Module) -> int:
     return first_conv.in_channels if first_conv is not None else 3
 
 
-def probe(model: nn.Module, modules: Sequence[nn.Module], *, strategy: str) -> dict[int, Shapes]:
+def probe(model: nn.Module, modules: Sequence[nn.Module], *, strategy: str,
+          sizes: Sequence[tuple[int, int]] | None = None) -> dict[int, Shapes]:
     """``{id(module): (input shape, output shape)}`` for each of ``modules`` that ``model``'s forward calls.
 
     A module the forward never calls is absent; a shape is None where the first input or the output is not a
-    tensor. Raises a :class:`StrategyError` naming ``strategy`` and the model when no input size runs.
+    tensor. ``sizes``: the input sizes to try (default :func:`probe_sizes`). Raises a :class:`StrategyError`
+    naming ``strategy`` and the model when no input size runs.
     """
     shapes: dict[int, Shapes] = {}
 
@@ -75,7 +77,7 @@ def probe(model: nn.Module, modules: Sequence[nn.Module], *, strategy: str) -> d
     model.eval()  # no BatchNorm statistics move from the probe
     errors: list[str] = []
     try:
-        for size in probe_sizes(model):
+        for size in sizes or probe_sizes(model):
             shapes.clear()
             try:
                 with torch.no_grad():

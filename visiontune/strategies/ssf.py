@@ -5,7 +5,8 @@ and ``nn.BatchNorm2d`` but the head) the output is scaled and shifted per channe
 ``y ← y·scale + shift`` (``scale`` starts at 1, ``shift`` at 0: the model starts as the base model, exactly).
 Only these vectors and the head train: ``2·channels`` parameters per operation. The channel dimension is the
 last one for Linear and LayerNorm outputs (tokens, or NHWC maps), dim 1 for convolutions, BatchNorm,
-GroupNorm and timm's ``LayerNorm2d``.
+GroupNorm and timm's ``LayerNorm2d``; a LayerNorm subclass with its own forward (``LayerNorm2d``,
+MetaFormer's ``LayerNorm2dNoBias``) is placed by its output shape in one probe forward, not by its name.
 
 The vectors live in a child module ``ssf`` of the operation (``blocks.0.attn.qkv.ssf.scale``), run from a
 forward hook, so base parameter names stay unchanged (base checkpoints load, timm's ``group_matcher`` puts
@@ -38,6 +39,7 @@ from torch import Tensor, nn
 from ..models.heads import find_head
 from .base import StrategyConfig, StrategyError, register_strategy
 from .lora_options import regex_list
+from .probe import probe
 from .quant import is_weight_standardized
 
 __all__ = ["SSF", "SSFConfig", "SSF_OPS", "apply_ssf", "merge_ssf", "merged_ssf_tensors", "ssf_sites",
@@ -144,17 +146,61 @@ def _kind(m: nn.Module, ops: list[str]) -> str | None:
     return next((k for k in ops if isinstance(m, SSF_OPS[k])), None)
 
 
-def _channels(m: nn.Module) -> tuple[int, int]:
-    """(channels, channel dim) of the output of ``m``."""
+def _channels(m: nn.Module) -> tuple[int, int | None]:
+    """(channels, channel dim) of the output of ``m``; dim None: a LayerNorm with its own forward, decided by
+    the output shape (:func:`_layernorm_dims`)."""
     if isinstance(m, nn.Linear):
         return m.out_features, -1
     if isinstance(m, nn.Conv2d):
         return m.out_channels, 1
-    if isinstance(m, nn.LayerNorm):  # timm's LayerNorm2d normalises the channels of NCHW maps
-        return m.normalized_shape[-1], 1 if type(m).__name__.endswith("2d") else -1
+    if isinstance(m, nn.LayerNorm):  # nn.LayerNorm's own forward normalises the last dim
+        return m.normalized_shape[-1], -1 if type(m).forward is nn.LayerNorm.forward else None
     if isinstance(m, nn.GroupNorm):
         return m.num_channels, 1
     return m.num_features, 1
+
+
+try:
+    from timm.layers import LayerNorm2d, LayerNormAct2d
+
+    _NCHW_LAYERNORMS: tuple[type, ...] = (LayerNorm2d, LayerNormAct2d)
+except ImportError:  # pragma: no cover - timm is a dependency
+    _NCHW_LAYERNORMS = ()
+
+
+def _ends(out: torch.Size | None, c: int) -> tuple[bool, bool]:
+    """Whether ``c`` channels sit last / at dim 1 of an output of shape ``out`` (tokens (B, N, C) are last)."""
+    return out is not None and out[-1] == c, out is not None and len(out) >= 4 and out[1] == c
+
+
+def _layernorm_dims(model: nn.Module, names: list[str]) -> dict[str, int]:
+    """Channel dim of each LayerNorm subclass in ``names`` from its output in one forward: timm's
+    ``LayerNorm2d`` / MetaFormer's ``LayerNorm2dNoBias`` normalise dim 1 of NCHW maps, ``LayerNorm`` /
+    ``LayerNormNoBias`` the last dim of tokens or NHWC maps. Refuses a layer whose output cannot tell."""
+    layers = [model.get_submodule(n) for n in names]
+    try:
+        shapes = probe(model, layers, strategy="ssf")
+    except StrategyError:  # not an image model (a bare layer): timm's NCHW LayerNorm classes, by type
+        return {n: 1 if isinstance(m, _NCHW_LAYERNORMS) else -1 for n, m in zip(names, layers)}
+    dims = {}
+    for name, m in zip(names, layers):
+        c = m.normalized_shape[-1]
+        out = shapes.get(id(m), (None, None))[1]
+        last, first = _ends(out, c)
+        if last and first:  # (1, C, C, C): a square map as wide as it is deep; another input size tells
+            try:
+                again = probe(model, [m], strategy="ssf", sizes=[(96, 96), (48, 48), (160, 160)])
+                out = again.get(id(m), (None, out))[1]
+                last, first = _ends(out, c)
+            except StrategyError:
+                pass
+        if last == first:
+            raise StrategyError(
+                f"strategy 'ssf' cannot tell the channel dim of {name!r} ({type(m).__name__}, {c} channels) in "
+                f"{type(model).__name__}: its output is {None if out is None else tuple(out)}; add it to 'exclude'"
+            )
+        dims[name] = -1 if last else 1
+    return dims
 
 
 def _norm_act(m: nn.Module) -> bool:
@@ -199,11 +245,15 @@ def ssf_targets(model: nn.Module, cfg: SSFConfig | None = None) -> list[str]:
 @register_strategy("ssf", SSFConfig)
 def apply_ssf(model: nn.Module, cfg: SSFConfig) -> None:
     """SSF: a trainable per-channel scale and shift after every Linear/Conv2d/norm layer; base frozen; mergeable."""
-    for name in ssf_targets(model, cfg):
+    names = ssf_targets(model, cfg)
+    custom = [n for n in names if _channels(model.get_submodule(n))[1] is None]
+    dims = _layernorm_dims(model, custom) if custom else {}
+    for name in names:
         m = model.get_submodule(name)
         if hasattr(m, "ssf"):
             raise StrategyError(f"SSF: {name!r} already has an attribute 'ssf'")
         channels, dim = _channels(m)
+        dim = dims.get(name, dim)
         ref = next(m.parameters(), None)
         ref = next(model.parameters(), None) if ref is None else ref
         like = {} if ref is None else {"dtype": ref.dtype, "device": ref.device}
