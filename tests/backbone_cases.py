@@ -74,14 +74,6 @@ def options(strategy: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ causes
 # Each broken cell names one of these: what breaks, and where (the first failure of the cell).
-CAUSE_ADAPTER_NHWC = (
-    "adapter placement: NHWC stage outputs (MambaOut, Sequencer) read as NCHW, 1x1-conv adapters of the wrong "
-    "width -> conv shape error: strategies/adapter.py:apply_adapter -> Adapter.forward"
-)
-CAUSE_ADAPTER_MESSAGE = (
-    "adapter refuses without naming the model ('... has no Linear layer to size it' for ConvMlp/SpatialMlp "
-    "blocks, '... expected NCHW feature maps'): strategies/adapter.py:apply_adapter"
-)
 CAUSE_LORA_MESSAGE = (
     "the refusal says 'LoRA', not the strategy in use ('LoRA found no layer to adapt in NormFreeNet' for "
     "dora / qlora): strategies/lora.py:lora_targets"
@@ -131,7 +123,6 @@ def _r(*names: str) -> frozenset[str]:
 
 
 CNN = _r("vpt")  # VPT needs a ViT-style token sequence: every CNN refuses it (a StrategyError naming both)
-CNN_NO_STAGES = _r("vpt", "adapter")  # no layerN / stages[i] / blocks[i] of blocks for the conv adapters
 
 CASES: list[Case] = [
     # ---- CNNs
@@ -143,11 +134,11 @@ CASES: list[Case] = [
     Case("efficientnet-lite", "tf_efficientnet_lite0", {}, refuses=CNN),
     Case("mobilenetv3", "mobilenetv3_small_050", {}, refuses=CNN),
     Case("mobilenetv4", "mobilenetv4_conv_small_035", {}, refuses=CNN),
-    Case("regnet", "regnetx_002", {}, refuses=CNN_NO_STAGES),
-    Case("densenet", "densenet121", {"growth_rate": 8, "block_config": (1, 1, 1, 1)}, refuses=CNN_NO_STAGES),
+    Case("regnet", "regnetx_002", {}, refuses=CNN),
+    Case("densenet", "densenet121", {"growth_rate": 8, "block_config": (1, 1, 1, 1)}, refuses=CNN),
     Case("ghostnet", "ghostnet_050", {}, refuses=CNN),
-    Case("rexnet", "rexnet_100", {"width_mult": 0.5}, refuses=CNN_NO_STAGES),
-    Case("dla", "dla34", {"levels": [1, 1, 1, 1, 1, 1], "channels": [8, 8, 16, 16, 32, 64]}, refuses=CNN_NO_STAGES),
+    Case("rexnet", "rexnet_100", {"width_mult": 0.5}, refuses=CNN),
+    Case("dla", "dla34", {"levels": [1, 1, 1, 1, 1, 1], "channels": [8, 8, 16, 16, 32, 64]}, refuses=CNN),
     Case("nfnet", "test_nfnet", {}, refuses=CNN),
     Case("byobnet", "test_byobnet", {}, refuses=CNN),
     Case("lcnet", "lcnet_050", {}, refuses=CNN),
@@ -157,7 +148,7 @@ CASES: list[Case] = [
     Case("fastvit", "fastvit_t8", {"layers": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 128)}, refuses=CNN),
     Case("mobilevit", "mobilevit_xxs", {}, size=64, refuses=CNN),
     Case("edgenext", "edgenext_xx_small", {"depths": (1, 1, 1, 1)}, refuses=CNN),
-    Case("mambaout", "test_mambaout", {}, refuses=CNN, broken={"adapter": CAUSE_ADAPTER_NHWC}),
+    Case("mambaout", "test_mambaout", {}, refuses=CNN),
     # ---- ViT-style transformers
     Case("vit", "vit_tiny_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
     Case("deit-distilled", "deit_tiny_distilled_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2}),
@@ -177,7 +168,7 @@ CASES: list[Case] = [
          refuses=_r("vpt")),
     Case("pvt_v2", "pvt_v2_b0", {"depths": (1, 1, 1, 1)}, refuses=_r("vpt")),
     Case("coat", "coat_lite_tiny", {"img_size": 32, "serial_depths": [1, 1, 1, 1], "embed_dims": [16, 32, 64, 64]},
-         refuses=_r("vpt", "adapter")),
+         refuses=_r("vpt")),
     Case("levit", "levit_128s", {"img_size": 32}, refuses=_r("vpt")),
     Case("hiera", "hiera_tiny_224", {"img_size": 64, "embed_dim": 16, "stages": (1, 1, 1, 1)}, size=64,
          refuses=_r("vpt")),
@@ -186,21 +177,20 @@ CASES: list[Case] = [
     Case("efficientformerv2", "efficientformerv2_s0",
          {"img_size": 64, "depths": (1, 1, 2, 2), "embed_dims": (16, 32, 64, 128)}, size=64, refuses=_r("vpt")),
     Case("maxvit", "test_maxvit", {"img_size": 64}, size=64, refuses=_r("vpt")),
-    Case("coatnet", "test_coatnet", {"img_size": 64}, size=64, refuses=_r("vpt"),
-         broken={"adapter": CAUSE_ADAPTER_MESSAGE}),
+    Case("coatnet", "test_coatnet", {"img_size": 64}, size=64, refuses=_r("vpt")),
     Case("tiny_vit", "tiny_vit_5m_224",
          {"depths": (1, 1, 1, 1), "embed_dims": (16, 32, 64, 64), "num_heads": (1, 1, 2, 2)}, size=64,
          refuses=_r("vpt")),
-    Case("mixer", "mixer_s16_224", {"img_size": 32, "mlp_ratio": (0.5, 0.25)}, refuses=_r("vpt", "adapter")),
+    Case("mixer", "mixer_s16_224", {"img_size": 32, "mlp_ratio": (0.5, 0.25)}, refuses=_r("vpt")),
     # ---- nightly (VISIONTUNE_NIGHTLY=1): bigger models, families timm gives no shrinking arguments for
-    Case("inception_v3", "inception_v3", {}, size=75, nightly=True, refuses=CNN_NO_STAGES),
+    Case("inception_v3", "inception_v3", {}, size=75, nightly=True, refuses=CNN),
     Case("nfnet-resnet", "nf_resnet26", {}, nightly=True, refuses=CNN),
     Case("vit-relpos", "test_vit_relpos", {"img_size": 32}, nightly=True, refuses=_r("vpt")),
-    Case("resmlp", "resmlp_12_224", {"img_size": 32}, nightly=True, refuses=_r("vpt", "adapter")),
-    Case("gmlp", "gmlp_ti16_224", {"img_size": 32}, nightly=True, refuses=_r("vpt", "adapter")),
+    Case("resmlp", "resmlp_12_224", {"img_size": 32}, nightly=True, refuses=_r("vpt")),
+    Case("gmlp", "gmlp_ti16_224", {"img_size": 32}, nightly=True, refuses=_r("vpt")),
     Case("poolformer", "poolformer_s12", {}, nightly=True, refuses=CNN, broken={"last_k": CAUSE_GROUP_MATCHER}),
     Case("caformer", "caformer_s18", {}, nightly=True, refuses=_r("vpt"),
-         broken={"adapter": CAUSE_ADAPTER_MESSAGE, "last_k": CAUSE_GROUP_MATCHER}),
+         broken={"last_k": CAUSE_GROUP_MATCHER}),
     Case("twins", "twins_svt_small", {"img_size": 32, "depths": (1, 1, 1, 1)}, nightly=True, refuses=_r("vpt")),
     Case("efficientvit-mit", "efficientvit_b0", {}, nightly=True, refuses=CNN),
     Case("efficientvit-msra", "efficientvit_m0", {"img_size": 64}, size=64, nightly=True, refuses=_r("vpt")),
@@ -211,14 +201,12 @@ CASES: list[Case] = [
     Case("shvit", "shvit_s1", {}, size=64, nightly=True, refuses=_r("vpt")),
     Case("swiftformer", "swiftformer_xs", {}, nightly=True, refuses=_r("vpt")),
     Case("inception_next", "inception_next_atto", {"depths": (1, 1, 1, 1)}, nightly=True, refuses=CNN),
-    Case("sequencer", "sequencer2d_s", {"img_size": 32, "layers": [1, 1, 1, 1]}, nightly=True, refuses=_r("vpt"),
-         broken={"adapter": CAUSE_ADAPTER_NHWC}),
-    Case("visformer", "visformer_tiny", {"img_size": 32}, nightly=True, refuses=_r("vpt"),
-         broken={"adapter": CAUSE_ADAPTER_MESSAGE}),
+    Case("sequencer", "sequencer2d_s", {"img_size": 32, "layers": [1, 1, 1, 1]}, nightly=True, refuses=_r("vpt")),
+    Case("visformer", "visformer_tiny", {"img_size": 32}, nightly=True, refuses=_r("vpt")),
     Case("mixnet", "mixnet_s", {}, nightly=True, refuses=CNN),
     Case("res2net", "res2net50_14w_8s", {"layers": (1, 1, 1, 1)}, nightly=True, refuses=CNN),
     Case("resnest", "resnest14d", {}, nightly=True, refuses=CNN),
-    Case("dpn", "dpn48b", {}, nightly=True, refuses=CNN_NO_STAGES),
+    Case("dpn", "dpn48b", {}, nightly=True, refuses=CNN),
     Case("gcvit", "gcvit_xxtiny", {"img_size": 64}, size=64, nightly=True, refuses=_r("vpt"),
          broken=_each(LORA_FAMILY, CAUSE_QKV_NAME)),
     Case("efficientnet-b0", "efficientnet_b0", {}, nightly=True, refuses=CNN),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 import pytest
+import timm
 import torch
 from torch import nn
 
@@ -265,3 +266,82 @@ def test_bad_config_messages(opts, fragments):
         make_strategy_config("adapter", opts)
     for frag in fragments:
         assert frag in str(exc.value)
+
+
+# ------------------------------------------------------------------------ any stage structure, any layout
+GENERAL = {  # model, kwargs, size, the sites (stage outputs, whatever the trunk calls them), adapter kind
+    "regnet": ("regnetx_002", {}, 32, ["s1.b1", "s2.b1", "s3.b4", "s4.b7"], nn.Conv2d),
+    "densenet": ("densenet121", {"growth_rate": 8, "block_config": (1, 1, 1, 1)}, 32,  # DenseBlock loops its children
+                 ["features.denseblock1.denselayer1", "features.transition1.pool", "features.denseblock2.denselayer1",
+                  "features.transition2.pool", "features.denseblock3.denselayer1", "features.transition3.pool",
+                  "features.denseblock4.denselayer1"], nn.Conv2d),
+    "dla": ("dla34", {"levels": [1] * 6, "channels": [8, 8, 16, 16, 32, 64]}, 32,
+            ["level0.2", "level1.2", "level2", "level3", "level4", "level5"], nn.Conv2d),
+    "mambaout-nhwc": ("test_mambaout", {}, 32,
+                      ["stages.0.blocks.0", "stages.1.blocks.0", "stages.2.blocks.2", "stages.3.blocks.0"], nn.Linear),
+    "mixer": ("mixer", {"img_size": 32, "num_blocks": 2, "embed_dim": 32}, 32, ["blocks.0", "blocks.1"], nn.Linear),
+    "coat-tokens": ("coat_lite_tiny", {"img_size": 32, "serial_depths": [1, 1, 1, 1], "embed_dims": [16, 32, 64, 64]},
+                    32, ["serial_blocks1.0", "serial_blocks2.0", "serial_blocks3.0", "serial_blocks4.0"], nn.Linear),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERAL))
+def test_adapters_follow_every_stage_whatever_its_name_and_layout(case):
+    """RegNet s1..s4, DenseNet features.*, DLA level*, MambaOut's NHWC stages, MLP-Mixer blocks, CoaT's
+    numbered serial blocks of tokens: one adapter per stage output, sized from that output (1x1 convs on NCHW,
+    Linear on NHWC maps and tokens), the model unchanged at init, every adapter reached by the gradient."""
+    name, kwargs, size, sites, kind = GENERAL[case]
+    torch.manual_seed(0)
+    if name == "mixer":
+        from timm.models.mlp_mixer import MlpMixer
+
+        net = MlpMixer(num_classes=3, patch_size=16, **kwargs).eval()
+    else:
+        net = timm.create_model(name, num_classes=3, **kwargs).eval()
+    x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        base = net(x)
+    apply_strategy(net, "adapter", {})
+    assert adapter_sites(net) == sites
+    adapters = {n: net.get_submodule(n).adapter for n in sites}
+    assert {type(a.down) for a in adapters.values()} == {kind}
+    with torch.no_grad():
+        assert torch.equal(net(x), base)
+        for a in adapters.values():
+            nn.init.normal_(a.up.weight, std=0.1)
+    calls = []
+    hooks = [a.register_forward_hook(lambda m, i, o: calls.append(m)) for a in adapters.values()]
+    net.train().forward_features(x).square().sum().backward()  # features: some timm heads start at zero
+    assert len(calls) == len(sites)  # each runs once: none was run as a child by a container's loop
+    for h in hooks:
+        h.remove()
+    assert all(a.down.weight.grad is not None and a.down.weight.grad.abs().sum() > 0 for a in adapters.values())
+
+
+def test_a_stage_that_outputs_no_tensor_is_refused_naming_strategy_and_model():
+    class Pair(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(c, c, 1), nn.Conv2d(c, c, 1)
+
+        def forward(self, x):
+            return self.a(x), self.b(x)
+
+    class Twin(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 1)
+            self.stage1, self.stage2 = Pair(4), Pair(4)
+            self.fc = nn.Linear(4, 2)
+
+        def get_classifier(self):
+            return self.fc
+
+        def forward(self, x):
+            a, _ = self.stage1(self.stem(x))
+            b, _ = self.stage2(a)
+            return self.fc(b.mean((2, 3)))
+
+    with pytest.raises(StrategyError, match=r"strategy 'adapter' does not fit Twin: 'stage1' \(Pair\) does not map "
+                                            r"a tensor to a tensor"):
+        apply_strategy(Twin(), "adapter", {})

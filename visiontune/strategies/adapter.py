@@ -1,4 +1,4 @@
-"""Bottleneck adapters: after attention / MLP in transformer blocks, residual 1×1-conv adapters on CNN stages.
+"""Bottleneck adapters: after attention / MLP in transformer blocks, or after each stage (conv or Linear adapters).
 
 An adapter is ``scale * up(act(down(h)))`` with ``up`` zero-initialised, added to the output of the module
 it follows, so the adapted model computes exactly what the base model computes until training moves
@@ -7,10 +7,15 @@ it follows, so the adapted model computes exactly what the base model computes u
 * Transformers (any block with ``.attn`` and ``.mlp``: ViT, DeiT, Swin, ...): ``where`` picks the
   sub-modules. ``placement="sequential"``: ``out = sub(x) + adapter(sub(x))`` (Houlsby);
   ``"parallel"``: ``out = sub(x) + adapter(x)`` (AdaptFormer).
-* CNNs (ResNet ``layerN``, EfficientNet/MobileNet ``blocks[i]``, ConvNeXt ``stages[i]``): one adapter of
-  1×1 convolutions per stage. ``"sequential"``: ``out = stage(x) + adapter(stage(x))``. ``"parallel"``
-  needs the same shape in and out: its branch spans the stage's *last block* (``out = blk(x) + adapter(x)``),
-  and single-block stages that change channels or resolution are refused.
+* Everything else with a stage structure (ResNet ``layerN``; ``stages`` / ``layers`` / ``blocks`` / ``network`` /
+  ``features`` sequences: ConvNeXt, EfficientNet, MambaOut, MLP-Mixer, RexNet, DenseNet; numbered stages: RegNet
+  ``s1..``, DLA ``level0..``, CoaT ``serial_blocks1..``, Inception ``Mixed_*``; see
+  :mod:`visiontune.strategies.sites`): one adapter per stage, after its last block, whatever the layout of its
+  output: 1×1 convolutions on NCHW maps, Linear layers on tokens and on channels-last (NHWC) maps (MambaOut,
+  Sequencer), read from one probe forward. ``"sequential"``: ``out = stage(x) + adapter(stage(x))``.
+  ``"parallel"`` needs the same shape in and out: its branch spans the stage's *last block*
+  (``out = blk(x) + adapter(x)``), and single-block stages that change channels or resolution are refused.
+  A model with neither structure is refused (a StrategyError naming ``adapter`` and the model).
 
 Why hooks and not wrapper modules: an adapter is a child module named ``adapter`` of the module it follows
 (``blocks.3.mlp.adapter.down.weight``; for a CNN stage, its last block: ``layer2.1.adapter.up.weight``) and
@@ -30,6 +35,7 @@ import torch
 from torch import nn
 
 from .base import StrategyConfig, StrategyError, available_strategies, check_positive, register_strategy
+from .sites import module_width, output_layouts, stage_sites, transformer_sites
 
 __all__ = ["ACTIVATIONS", "Adapter", "AdapterConfig", "adapter_sites", "apply_adapter"]
 
@@ -193,91 +199,27 @@ def _has_adapter_hook(module: nn.Module) -> bool:
     return any(isinstance(h, _AdapterHook) for h in module._forward_hooks.values())
 
 
-def _transformer_sites(model: nn.Module, where: str) -> list[tuple[str, nn.Module]]:
-    subs = ("attn", "mlp") if where == "both" else (where,)
-    sites = []
-    for name, m in model.named_modules():
-        if isinstance(getattr(m, "attn", None), nn.Module) and isinstance(getattr(m, "mlp", None), nn.Module):
-            for s in subs:
-                sites.append((f"{name}.{s}" if name else s, getattr(m, s)))
-    return sites
-
-
-def _cnn_stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """CNN stages: ResNet ``layerN``; ConvNeXt-style ``stages[i]``; EfficientNet-style ``blocks[i]``."""
-    layers = []
-    i = 1
-    while isinstance(getattr(model, f"layer{i}", None), nn.Module):
-        layers.append((f"layer{i}", getattr(model, f"layer{i}")))
-        i += 1
-    if layers:
-        return layers
-    stages = getattr(model, "stages", None)
-    if isinstance(stages, (nn.Sequential, nn.ModuleList)) and len(stages):
-        return [(f"stages.{i}", s) for i, s in enumerate(stages)]
-    blocks = getattr(model, "blocks", None)
-    if (
-        isinstance(blocks, (nn.Sequential, nn.ModuleList))
-        and len(blocks)
-        and all(isinstance(b, (nn.Sequential, nn.ModuleList)) for b in blocks)
-    ):
-        return [(f"blocks.{i}", s) for i, s in enumerate(blocks)]
-    return []
-
-
-def _last_block(stage_name: str, stage: nn.Module) -> tuple[str, nn.Module]:
-    """The module whose output is the stage's output: ``stage.blocks[-1]``, ``stage[-1]`` or the stage."""
-    inner = getattr(stage, "blocks", None)
-    if isinstance(inner, nn.Sequential) and len(inner):
-        return f"{stage_name}.blocks.{len(inner) - 1}", inner[-1]
-    if isinstance(stage, nn.Sequential) and len(stage):
-        return f"{stage_name}.{len(stage) - 1}", stage[-1]
-    return stage_name, stage
-
-
-def _probe_shapes(model: nn.Module, modules: list[nn.Module]) -> list[tuple[torch.Size, torch.Size]]:
-    """(input, output) shapes of ``modules`` in one no-grad eval forward of a small dummy image."""
-    first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    ref = next(model.parameters())
-    in_chans = first_conv.in_channels if first_conv is not None else 3
-    cfg_size = tuple((getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))[1:])
-    shapes: dict[int, tuple[torch.Size, torch.Size]] = {}
-
-    def record(m: nn.Module, args: tuple, out: Any) -> None:
-        if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
-            raise StrategyError(f"adapter: {type(m).__name__} does not map a tensor to a tensor")
-        shapes[id(m)] = (args[0].shape, out.shape)
-
-    handles = [m.register_forward_hook(record) for m in modules]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()  # no BatchNorm statistics update from the probe
-    try:
-        last_exc: Exception | None = None
-        for size in ((64, 64), cfg_size):
-            try:
-                with torch.no_grad():
-                    model(torch.zeros(1, in_chans, *size, device=ref.device, dtype=ref.dtype))
-                last_exc = None
-                break
-            except StrategyError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - some models only accept their native size
-                last_exc = exc
-        if last_exc is not None:
-            raise StrategyError(
-                f"adapter: could not run {type(model).__name__} on a dummy image to size the adapters: {last_exc}"
-            ) from last_exc
-    finally:
-        for h in handles:
-            h.remove()
-        for m, mode in modes.items():
-            m.training = mode
-    return [shapes[id(m)] for m in modules]
-
-
-def _last_linear(module: nn.Module) -> nn.Linear | None:
-    linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+def _sites(model: nn.Module, cfg: AdapterConfig) -> tuple[bool, list[tuple[str, nn.Module]]]:
+    """``(transformer?, sites)``: the ``where`` sub-modules of transformer blocks, else one site per stage."""
+    where = cfg.where or DEFAULT_WHERE
+    sites = transformer_sites(model, ("attn", "mlp") if where == "both" else (where,))
+    if sites:
+        return True, sites
+    sites = stage_sites(model)
+    if not sites:
+        others = [s for s in available_strategies() if s not in ("adapter", "vpt")]
+        raise StrategyError(
+            f"strategy 'adapter' does not fit {type(model).__name__}: it found no transformer blocks "
+            "(modules with .attn and .mlp) and no stage structure (layerN; stages, layers, blocks, network or "
+            f"features; numbered stages such as s1, level0, Mixed_5b). Strategies that fit any backbone: "
+            f"{', '.join(others)}"
+        )
+    if cfg.where is not None:
+        raise StrategyError(
+            f"option 'where'={cfg.where!r} of strategy 'adapter' applies to transformer blocks; "
+            f"{type(model).__name__} is a CNN whose adapters sit after each stage: leave 'where' unset"
+        )
+    return False, sites
 
 
 def adapter_sites(model: nn.Module, cfg: AdapterConfig | None = None) -> list[str]:
@@ -292,11 +234,7 @@ def adapter_sites(model: nn.Module, cfg: AdapterConfig | None = None) -> list[st
         >>> adapter_sites(timm.create_model("resnet18"))
         ['layer1.1', 'layer2.1', 'layer3.1', 'layer4.1']
     """
-    cfg = cfg or AdapterConfig()
-    sites = _transformer_sites(model, cfg.where or DEFAULT_WHERE)
-    if sites:
-        return [n for n, _ in sites]
-    return [_last_block(n, s)[0] for n, s in _cnn_stages(model)]
+    return [n for n, _ in _sites(model, cfg or AdapterConfig())[1]]
 
 
 def _attach(module: nn.Module, name: str, adapter: Adapter, parallel: bool) -> None:
@@ -308,12 +246,14 @@ def _attach(module: nn.Module, name: str, adapter: Adapter, parallel: bool) -> N
 
 @register_strategy("adapter", AdapterConfig)
 def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> None:
-    """Adapters: zero-initialised bottleneck adapters after transformer attention/MLP or CNN stages.
+    """Adapters: zero-initialised bottleneck adapters after transformer attention/MLP or after each stage.
 
-    Only the adapters (parameter names containing ``adapter``) and the head train.
+    Only the adapters (parameter names containing ``adapter``) and the head train. Each adapter's width and
+    kind come from its site's output in one probe forward: 1×1 convs on NCHW maps, Linear layers on tokens and
+    channels-last (NHWC) maps.
 
     Args:
-        model: a timm ViT-style transformer (blocks with ``.attn`` and ``.mlp``) or CNN with stages.
+        model: a timm ViT-style transformer (blocks with ``.attn`` and ``.mlp``) or a model with stages.
         cfg: adapter options.
 
     Example:
@@ -326,53 +266,42 @@ def apply_adapter(model: nn.Module, cfg: AdapterConfig) -> None:
     """
     parallel = cfg.placement == "parallel"
     ref = next(model.parameters())
-    sites = _transformer_sites(model, cfg.where or DEFAULT_WHERE)
-    if sites:
-        for name, sub in sites:
-            first, last = (
-                next((m for m in sub.modules() if isinstance(m, nn.Linear)), None),
-                _last_linear(sub),
-            )
-            if last is None:
-                raise StrategyError(f"adapter: {name!r} ({type(sub).__name__}) has no Linear layer to size it")
-            dim = last.out_features
-            if parallel and first.in_features != dim:
-                raise StrategyError(
-                    f"adapter placement='parallel' needs {name!r} to keep its width, but it maps "
-                    f"{first.in_features} -> {dim} features; use placement='sequential'"
-                )
-            adapter = Adapter(dim, cfg.hidden(dim), cfg.activation, cfg.scale, cfg.init_std)
-            _attach(sub, name, adapter.to(device=ref.device, dtype=ref.dtype), parallel)
-        return
-
-    stages = _cnn_stages(model)
-    if not stages:
-        others = [s for s in available_strategies() if s not in ("adapter", "vpt")]
-        raise StrategyError(
-            f"strategy 'adapter' does not fit {type(model).__name__}: it found no transformer blocks "
-            "(modules with .attn and .mlp) and no CNN stages (layerN, stages[i], or blocks[i] made of "
-            f"blocks). Strategies that fit any backbone: {', '.join(others)}"
-        )
-    if cfg.where is not None:
-        raise StrategyError(
-            f"option 'where'={cfg.where!r} of strategy 'adapter' applies to transformer blocks; "
-            f"{type(model).__name__} is a CNN whose adapters sit after each stage: leave 'where' unset"
-        )
-    lasts = [_last_block(n, s) for n, s in stages]
-    shapes = _probe_shapes(model, [m for _, m in lasts])
+    transformer, sites = _sites(model, cfg)
+    for name, module in sites:
+        if _has_adapter_hook(module) or hasattr(module, "adapter"):
+            raise StrategyError(f"adapter: {name!r} already has an adapter (apply the strategy once)")
+    found = output_layouts(model, [m for _, m in sites], strategy="adapter", widths=[module_width(m) for _, m in sites])
+    model_name = type(model).__name__
+    shapes, layouts = {}, []
+    for (name, module), got in zip(sites, found):
+        if got is None or (parallel and got[0][0] is None):
+            raise StrategyError(f"strategy 'adapter' does not fit {model_name}: {name!r} ({type(module).__name__}) "
+                                "does not map a tensor to a tensor in its forward, so no adapter can follow it")
+        shapes[id(module)] = got[0]
+        layouts.append(got[1])
     if parallel:
-        bad = [f"{n} {tuple(i[1:])} -> {tuple(o[1:])}" for (n, _), (i, o) in zip(lasts, shapes) if i != o]
-        if bad:
-            raise StrategyError(
-                "adapter placement='parallel' on a CNN adds adapter(x) to the output of each stage's last "
-                "block, so that block must keep its shape (channels, height, width); these do not: "
-                f"{'; '.join(bad)}. Use placement='sequential'"
-            )
-    for (name, block), (_, out_shape) in zip(lasts, shapes):
-        if len(out_shape) != 4:
-            raise StrategyError(
-                f"adapter: CNN stage block {name!r} outputs shape {tuple(out_shape)}, expected NCHW feature maps"
-            )
-        ch = int(out_shape[1])
-        adapter = Adapter(ch, cfg.hidden(ch), cfg.activation, cfg.scale, cfg.init_std, conv=True)
-        _attach(block, name, adapter.to(device=ref.device, dtype=ref.dtype), parallel)
+        _check_parallel(model_name, transformer, sites, shapes, layouts)
+    for (name, module), (layout, ch) in zip(sites, layouts):
+        adapter = Adapter(ch, cfg.hidden(ch), cfg.activation, cfg.scale, cfg.init_std, conv=layout == "nchw")
+        _attach(module, name, adapter.to(device=ref.device, dtype=ref.dtype), parallel)
+
+
+def _check_parallel(model_name: str, transformer: bool, sites: list[tuple[str, nn.Module]],
+                    shapes: dict, layouts: list[tuple[str, int]]) -> None:
+    """``placement='parallel'`` adds ``adapter(x)`` to the output: each site must keep its input's shape."""
+    bad = [(n, shapes[id(m)]) for n, m in sites if shapes[id(m)][0] != shapes[id(m)][1]]
+    if not bad:
+        return
+    if transformer:
+        name, (ins, out) = bad[0]
+        layout = dict(zip([n for n, _ in sites], layouts))[name]
+        dim = 1 if layout[0] == "nchw" else -1
+        raise StrategyError(
+            f"adapter placement='parallel' needs {name!r} of {model_name} to keep its width, but it maps "
+            f"{ins[dim]} -> {out[dim]} features; use placement='sequential'"
+        )
+    raise StrategyError(
+        f"adapter placement='parallel' on {model_name} adds adapter(x) to the output of each stage's last block, "
+        "so that block must keep its shape (channels, height, width); these do not: "
+        f"{'; '.join(f'{n} {tuple(i[1:])} -> {tuple(o[1:])}' for n, (i, o) in bad)}. Use placement='sequential'"
+    )

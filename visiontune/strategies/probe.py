@@ -24,8 +24,9 @@ from torch import nn
 
 from .base import StrategyError
 
-__all__ = ["probe", "probe_sizes"]
+__all__ = ["Shapes", "probe", "probe_sizes"]
 
+#: (input shape, output shape) of a module in a probe forward (None: not a tensor).
 Shapes = tuple["torch.Size | None", "torch.Size | None"]
 
 
