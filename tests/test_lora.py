@@ -592,3 +592,26 @@ def test_weight_standardised_convs_are_adapted_on_their_standardised_weight(stra
         merge_and_unload(net)
         torch.testing.assert_close(net(x), ref, atol=1e-5, rtol=1e-4)
     assert not lora_layers(net)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "qlora", "dora"])
+def test_refusals_name_the_strategy_in_use_and_the_model(strategy) -> None:
+    net = _make("resnet18")
+    with pytest.raises(StrategyError, match=rf"{strategy} target 'nope' matches no Linear/Conv2d layer of ResNet"):
+        apply_strategy(net, strategy, {"targets": ["nope"]})
+    with pytest.raises(StrategyError, match=rf"strategy '{strategy}' found no layer to adapt in ResNet"):
+        apply_strategy(net, strategy, {"exclude": ["."]})
+
+
+def test_a_qkv_that_holds_only_k_and_v_is_a_plain_linear() -> None:
+    """GCViT's global attention names its k | v projection 'qkv' (2·dim): not three head splits."""
+    torch.manual_seed(0)
+    net = timm.create_model("gcvit_xxtiny", img_size=64, num_classes=3)
+    qkvs = {n: m for n, m in net.named_modules() if n.endswith(".qkv")}
+    globals_ = {n for n, m in qkvs.items() if m.out_features == 2 * m.in_features}
+    assert globals_ and len(globals_) < len(qkvs)
+    apply_strategy(net, "lora", {"rank": 2, "targets": [r"\.qkv$"]})
+    layers = lora_layers(net)
+    assert {type(layers[n]) for n in globals_} == {LoRALinear}
+    assert {type(layers[n]) for n in set(qkvs) - globals_} == {LoRAQKVLinear}
+    assert net(torch.randn(1, 3, 64, 64)).shape == (1, 3)

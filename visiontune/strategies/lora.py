@@ -48,7 +48,7 @@ from torch import nn
 from .base import StrategyConfig, StrategyError, register_strategy
 from .lora_layers import LORA_INITS, LoRAConv2d, LoRALayer, LoRALinear, LoRAQKVLinear
 from .lora_options import check_lora_options, lora_alpha, lora_scaling, regex_list
-from .lora_select import check_called, lora_candidates, route_direct_reads, select_targets
+from .lora_select import check_called, is_fused_qkv, lora_candidates, route_direct_reads, select_targets
 from .ssf import merge_ssf, unload_ssf, unmerge_ssf
 from .quant import (SUPPORTED_BITS, QuantizedBase, QuantizedConv2d, QuantizedLinear, conv_is_supported,
                     is_weight_standardized, standardized_conv)
@@ -220,10 +220,11 @@ def _fit_rank(name: str, rank: int, weights: int, per_rank: int, capped: list[st
     return min(rank, best)
 
 
-def _wrap(name: str, m: nn.Module, cfg: LoRAConfig, bits: int | None, capped: list[str]) -> LoRALayer:
+def _wrap(model: nn.Module, name: str, m: nn.Module, cfg: LoRAConfig, bits: int | None,
+          capped: list[str]) -> LoRALayer:
     common = dict(dropout=cfg.dropout, init=cfg.init, name=name)
     if isinstance(m, nn.Linear):
-        is_qkv = name.rsplit(".", 1)[-1] == "qkv"
+        is_qkv = is_fused_qkv(model, name, m)
         d = m.out_features // 3 if is_qkv else m.out_features
         r = _fit_rank(name, cfg.rank, d * m.in_features, d + m.in_features, capped)
         base = QuantizedLinear(m, bits) if bits else m
@@ -274,7 +275,7 @@ def inject_lora(model: nn.Module, cfg: LoRAConfig | None = None) -> dict[str, Lo
     route_direct_reads(model, names)  # Eva/BEiT: F.linear(x, qkv.weight, bias) -> qkv(x) + bias
     check_called(model, names, getattr(type(cfg), "strategy_name", "lora"))
     for name in names:
-        wrapped[name] = _wrap(name, cands[name], cfg, bits, capped)
+        wrapped[name] = _wrap(model, name, cands[name], cfg, bits, capped)
     for name, layer in wrapped.items():  # replace only once every layer was accepted
         layer.alpha, layer.scaling = float(cfg.alpha), lora_scaling(cfg.alpha, layer.rank, cfg.rslora)  # exact
         parent, _, leaf = name.rpartition(".")

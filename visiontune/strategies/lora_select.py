@@ -33,7 +33,7 @@ from .lora_layers import LoRALayer
 from .probe import probe
 from .quant import conv_is_supported, is_weight_standardized
 
-__all__ = ["check_called", "lora_candidates", "route_direct_reads", "select_targets"]
+__all__ = ["check_called", "is_fused_qkv", "lora_candidates", "route_direct_reads", "select_targets"]
 
 
 def lora_candidates(model: nn.Module) -> dict[str, nn.Module]:
@@ -99,7 +99,7 @@ def select_targets(model: nn.Module, targets: Sequence[str] | None, exclude: Seq
             hits = [n for n in cands if re.search(pattern, n)]
             if not hits:
                 raise StrategyError(
-                    f"LoRA target {pattern!r} matches no Linear/Conv2d layer of {model_name} "
+                    f"{strategy} target {pattern!r} matches no Linear/Conv2d layer of {model_name} "
                     f"(the head is never a target). Available layers ({len(cands)}): {_sample(list(cands))}"
                 )
             names.extend(h for h in hits if h not in names)
@@ -107,7 +107,7 @@ def select_targets(model: nn.Module, targets: Sequence[str] | None, exclude: Seq
         names = [n for n in names if not any(re.search(p, n) for p in exclude)]
     if not names:
         raise StrategyError(
-            f"LoRA found no layer to adapt in {model_name} (after 'exclude'); set 'targets'. "
+            f"strategy {strategy!r} found no layer to adapt in {model_name} (after 'exclude'); set 'targets'. "
             f"Available layers ({len(cands)}): {_sample(list(cands))}"
         )
     return names
@@ -150,3 +150,23 @@ def check_called(model: nn.Module, names: Sequence[str], strategy: str = "lora")
             f"never calls {_sample(skipped)} (it reads their weight directly, or does not use them), so a "
             "delta there would be ignored; add them to 'exclude'"
         )
+
+
+def is_fused_qkv(model: nn.Module, name: str, layer: nn.Linear) -> bool:
+    """Whether the Linear ``name`` is timm's fused q | k | v projection: named ``qkv`` and 3 head splits wide
+    (``3 · num_heads · head_dim`` of its attention, where it says so). GCViT's global attention names its
+    k | v projection ``qkv`` (2 · dim: the queries come from the global token): a plain Linear.
+
+    Example:
+        >>> att = nn.Module(); att.num_heads, att.head_dim = 2, 4; att.qkv = nn.Linear(8, 16)
+        >>> is_fused_qkv(nn.ModuleDict({"attn": att}), "attn.qkv", att.qkv)
+        False
+    """
+    if name.rsplit(".", 1)[-1] != "qkv" or layer.out_features % 3:
+        return False
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    heads, head_dim = getattr(parent, "num_heads", None), getattr(parent, "head_dim", None)
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        return layer.out_features == 3 * heads * head_dim
+    return True
