@@ -60,3 +60,25 @@ class _Plain(nn.Module):
 def test_norm_refuses_a_model_with_nothing_that_normalises():
     with pytest.raises(StrategyError, match=r"strategy 'norm' does not fit _Plain: it has no normalisation layer"):
         apply_strategy(_Plain(), "norm")
+
+
+def test_last_k_without_group_matcher_uses_the_models_own_stages():
+    """PiT has no group_matcher(): the depth groups come from its 'transformers' stages and their blocks."""
+    torch.manual_seed(0)
+    net = timm.create_model("pit_ti_distilled_224", img_size=32, depth=[1, 2, 1], base_dims=[16, 16, 16], num_classes=3)
+    assert getattr(net, "group_matcher", None) is None
+    apply_strategy(net, "last_k", {"k": 2})
+    trained = _trainable_beyond_head(net)
+    assert {n.split(".")[0] for n in trained} == {"transformers", "norm"}
+    assert {".".join(n.split(".")[:4]) for n in trained if n.startswith("transformers")} == {
+        "transformers.2.blocks.0", "transformers.1.blocks.1", "transformers.2.pool.conv", "transformers.2.pool.fc"}
+    net = timm.create_model("pit_ti_distilled_224", img_size=32, depth=[1, 2, 1], base_dims=[16, 16, 16], num_classes=3)
+    apply_strategy(net, "last_k", {"k": 1, "coarse": True})
+    assert {".".join(n.split(".")[:2]) for n in _trainable_beyond_head(net)} == {"transformers.2", "norm.weight",
+                                                                               "norm.bias"}
+
+
+def test_last_k_refuses_a_model_without_structure_naming_it():
+    with pytest.raises(StrategyError, match=r"strategy 'last_k' does not fit _Plain: _Plain has no group_matcher\(\) "
+                                            r"and no stage structure"):
+        apply_strategy(_Plain(), "last_k", {"k": 1})

@@ -14,8 +14,9 @@ from torch import nn
 
 from ..errors import ConfigError
 from .heads import find_head
+from .stages import is_block, trunk_stages
 
-__all__ = ["GroupError", "depth_groups"]
+__all__ = ["GroupError", "depth_groups", "structural_groups"]
 
 
 class GroupError(ConfigError):
@@ -70,9 +71,7 @@ def depth_groups(
         return [g for g in groups if g] + [head]
     matcher = getattr(model, "group_matcher", None)
     if matcher is None:
-        raise GroupError(
-            f"{type(model).__name__} has no group_matcher(); pass group patterns explicitly"
-        )
+        return structural_groups(model, body, coarse=coarse) + [head]
     grouped = group_parameters(model, matcher(coarse=coarse))
     groups = []
     for _, members in sorted(grouped.items()):
@@ -80,3 +79,48 @@ def depth_groups(
         if members:
             groups.append(members)
     return groups + [head]
+
+
+def _units(model: nn.Module, coarse: bool) -> list[str]:
+    """Module names of the trunk's stages (``coarse``) or of the blocks inside them, input to output."""
+    units = []
+    for name, stage in trunk_stages(model):
+        inner = getattr(stage, "blocks", None)
+        prefix = f"{name}.blocks"
+        if not isinstance(inner, (nn.Sequential, nn.ModuleList)):
+            inner, prefix = stage, name
+        blocks = [f"{prefix}.{n}" for n, c in inner.named_children() if is_block(c)] \
+            if isinstance(inner, (nn.Sequential, nn.ModuleList)) and not coarse else []
+        units.extend(blocks or [name])
+    return units
+
+
+def structural_groups(model: nn.Module, names: Sequence[str], *, coarse: bool = False) -> list[list[str]]:
+    """Depth groups of ``names`` (parameter names, the head left out) from the model's own structure, for a
+    model without ``group_matcher()``: the stem (what comes before the trunk), then one group per block of the
+    trunk's stages (:func:`~visiontune.models.stages.trunk_stages`; ``coarse``: per stage); a parameter in no
+    block joins the group before it (a stage's downsampling, the final norm).
+
+    Raises:
+        GroupError: no stage structure found.
+
+    Example:
+        >>> import timm
+        >>> m = timm.create_model("pit_ti_224", img_size=32, depth=[1, 1, 1], base_dims=[16, 16, 16])
+        >>> groups = structural_groups(m, [n for n, _ in m.named_parameters() if not n.startswith("head")])
+        >>> [g[0].rsplit(".", 2)[0] for g in groups][1:]  # after the stem: the block of each of PiT's 3 stages
+        ['transformers.0.blocks.0', 'transformers.1.blocks.0', 'transformers.2.blocks.0']
+    """
+    units = _units(model, coarse)
+    if not units:
+        raise GroupError(
+            f"{type(model).__name__} has no group_matcher() and no stage structure (layerN, stages, layers, blocks, "
+            "network, features, numbered stages): pass group patterns explicitly"
+        )
+    groups: list[list[str]] = [[] for _ in range(len(units) + 1)]  # 0: the stem
+    current = 0
+    for n in names:
+        hit = next((i + 1 for i, u in enumerate(units) if n.startswith(u + ".")), None)
+        current = hit if hit is not None else current
+        groups[current].append(n)
+    return [g for g in groups if g]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from ..models.groups import depth_groups
+from ..models.groups import GroupError, depth_groups
 from ..models.heads import find_head
 from .base import StrategyConfig, StrategyError, register_strategy
 
@@ -78,7 +78,8 @@ def apply_linear(model: nn.Module, cfg: LinearConfig) -> None:
 
 @dataclass
 class LastKConfig(StrategyConfig):
-    """Train the last ``k`` depth groups (timm ``group_matcher``) and the head.
+    """Train the last ``k`` depth groups (timm ``group_matcher``; without one, the blocks of the model's own
+    stages, :func:`~visiontune.models.groups.structural_groups`) and the head.
 
     Args:
         k: number of depth groups before the head to train (≥ 1).
@@ -98,7 +99,10 @@ class LastKConfig(StrategyConfig):
 @register_strategy("last_k", LastKConfig)
 def apply_last_k(model: nn.Module, cfg: LastKConfig) -> None:
     """Last-k: the last k depth groups (blocks or stages) plus the head train."""
-    groups = depth_groups(model, coarse=cfg.coarse)[:-1]
+    try:
+        groups = depth_groups(model, coarse=cfg.coarse)[:-1]
+    except GroupError as exc:
+        raise StrategyError(f"strategy 'last_k' does not fit {type(model).__name__}: {exc}") from None
     if cfg.k > len(groups):
         raise StrategyError(
             f"last_k: k={cfg.k} but {type(model).__name__} has only {len(groups)} depth groups"

@@ -2,11 +2,8 @@
 
 * :func:`transformer_sites`: every block with ``.attn`` and ``.mlp`` (ViT, DeiT, Swin, CoAtNet's transformer
   stages, ...): its ``attn`` / ``mlp`` sub-modules.
-* :func:`stage_sites`: the trunk's stage structure, whatever its name, one site per stage at the module whose
-  output is the stage's output (its last block): ResNet ``layerN``; a sequence named ``stages``, ``layers``,
-  ``blocks``, ``network`` or ``features`` (ConvNeXt, EfficientNet, MLP-Mixer, RexNet, DenseNet); numbered children
-  (RegNet ``s1..s4``, DLA ``level0..5``, CoaT ``serial_blocks1..4``, Inception ``Mixed_5b..7c``: the numbered group
-  holding the most layers). Single layers (a stem conv, a final norm) are not stages.
+* :func:`stage_sites`: the trunk's stages, whatever their names (:func:`~visiontune.models.stages.trunk_stages`),
+  one site per stage at the module whose output is the stage's output (its last block).
 
 The layout of a site's output (NCHW maps, NHWC maps, tokens) is not in its name: the adapter strategy reads it
 from one probe forward (:mod:`visiontune.strategies.probe`) with :func:`channel_layout`.
@@ -19,22 +16,18 @@ Example:
 
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
 import torch
 from torch import nn
 
-from ..models.heads import find_head
+from ..models.stages import trunk_stages
 from .base import StrategyError
 from .probe import Shapes, probe, probe_sizes
 
-__all__ = ["SEQUENCE_NAMES", "channel_layout", "last_block", "module_width", "output_layouts", "stage_sites",
+__all__ = ["channel_layout", "last_block", "module_width", "output_layouts", "stage_sites",
            "transformer_sites"]
 
-#: Names of the trunk's sequence of stages / blocks, in the order they are looked for.
-SEQUENCE_NAMES = ("stages", "layers", "blocks", "network", "features")
-_NUMBERED = re.compile(r"(.*?)_?(\d+)[a-z]?")
 _SEQ = (nn.Sequential, nn.ModuleList)
 
 
@@ -45,20 +38,6 @@ def transformer_sites(model: nn.Module, subs: tuple[str, ...]) -> list[tuple[str
         if isinstance(getattr(m, "attn", None), nn.Module) and isinstance(getattr(m, "mlp", None), nn.Module):
             sites.extend((f"{name}.{s}" if name else s, getattr(m, s)) for s in subs)
     return sites
-
-
-def _params(m: nn.Module) -> int:
-    return sum(p.numel() for p in m.parameters())
-
-
-def _layers(m: nn.Module) -> int:
-    """How many layers with parameters ``m`` holds (itself included)."""
-    return sum(1 for sub in m.modules() if next(sub.parameters(recurse=False), None) is not None)
-
-
-def _is_block(m: nn.Module) -> bool:
-    """A block or a stage: more than one layer with parameters (not a single conv or norm)."""
-    return _layers(m) > 1
 
 
 def _iterates_children(m: nn.Module) -> bool:
@@ -83,32 +62,9 @@ def last_block(name: str, stage: nn.Module) -> tuple[str, nn.Module]:
     return name, stage
 
 
-def _stages(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    head = find_head(model, missing_ok=True).module_ids
-    children = [(n, c) for n, c in model.named_children() if id(c) not in head and _params(c)]
-    layers = [(n, c) for n, c in children if re.fullmatch(r"layer\d+", n)]
-    if len(layers) >= 2:
-        return layers
-    for attr in SEQUENCE_NAMES:
-        seq = getattr(model, attr, None)
-        if isinstance(seq, _SEQ) and id(seq) not in head:
-            stages = [(f"{attr}.{n}", c) for n, c in seq.named_children() if _params(c) and _is_block(c)]
-            if len(stages) >= 2:
-                return stages
-    groups: dict[str, list[tuple[str, nn.Module]]] = {}
-    for n, c in children:
-        m = _NUMBERED.fullmatch(n)
-        if m and _is_block(c):
-            groups.setdefault(m.group(1), []).append((n, c))
-    groups = {k: v for k, v in groups.items() if len(v) >= 2}
-    if not groups:
-        return []
-    return max(groups.values(), key=lambda g: sum(_layers(c) for _, c in g))  # the deepest numbered group
-
-
 def stage_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of the last block of every stage of ``model`` (empty: no stage structure found)."""
-    return [last_block(n, s) for n, s in _stages(model)]
+    return [last_block(n, s) for n, s in trunk_stages(model)]
 
 
 def module_width(m: nn.Module) -> int | None:
