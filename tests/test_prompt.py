@@ -200,3 +200,54 @@ def test_bad_config_messages(opts, fragments):
         make_strategy_config("vpt", opts)
     for frag in fragments:
         assert frag in str(exc.value)
+
+
+# ------------------------------------------------------------------------------- EVA, BEiT, refusals
+def test_vpt_on_eva_equals_register_tokens_that_rope_skips():
+    """Shallow VPT on EVA (rotary embeddings on the patches) is exactly EVA with register tokens holding the
+    prompts: the prompts count as prefix tokens of its attention, so rope still meets only the patches."""
+    kw = dict(img_size=28, depth=2, num_classes=3, no_embed_class=True)
+    torch.manual_seed(0)
+    base = timm.create_model("eva02_tiny_patch14_224", **kw).eval()
+    reg = timm.create_model("eva02_tiny_patch14_224", num_reg_tokens=3, **kw).eval()
+    reg.load_state_dict(base.state_dict(), strict=False)
+    apply_strategy(base, "vpt", {"length": 3})
+    with torch.no_grad():
+        reg.reg_token.copy_(base.blocks[0].prompt)
+        x = torch.randn(2, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+        ref = reg.forward_features(x)
+        got = base.forward_features(x)
+    assert base.blocks[0].attn.num_prefix_tokens == 1 + 3
+    torch.testing.assert_close(got, torch.cat([ref[:, :1], ref[:, 4:]], dim=1), rtol=1e-5, atol=1e-5)
+
+
+def test_beit_relative_position_bias_gets_zero_rows_for_the_prompts():
+    from visiontune.strategies.prompt import _pad_bias
+
+    bias = torch.arange(1.0, 10.0).view(1, 3, 3)
+    padded = _pad_bias(bias, 1, 2)
+    assert padded.shape == (1, 5, 5)
+    assert torch.equal(padded[:, [0, 3, 4]][:, :, [0, 3, 4]], bias)
+    assert not padded[:, 1:3].any() and not padded[:, :, 1:3].any()
+    torch.manual_seed(0)
+    net = timm.create_model("beit_base_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2,
+                            num_classes=3)
+    apply_strategy(net, "vpt", {"length": 2, "deep": True})
+    out = net(torch.randn(2, 3, 32, 32))
+    out.sum().backward()
+    assert out.shape == (2, 3) and all(b.prompt.grad.abs().sum() > 0 for b in net.blocks)
+
+
+@pytest.mark.parametrize("name, kwargs", [
+    ("convit_tiny", {"img_size": 32, "patch_size": 8, "depth": 2, "local_up_to_layer": 1}),
+    ("xcit_nano_12_p16_224", {"img_size": 32, "depth": 2}),
+])
+def test_vpt_refuses_blocks_that_do_not_take_more_tokens_and_leaves_the_model_as_it_was(name, kwargs):
+    torch.manual_seed(0)
+    net = timm.create_model(name, num_classes=3, **kwargs).eval()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(StrategyError, match=rf"strategy 'vpt' does not fit {type(net).__name__}: its "):
+        apply_strategy(net, "vpt", {"length": 2})
+    assert net.state_dict().keys() == before.keys() and not prompt_parameter_names(net)
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in net.blocks)
+    net(torch.randn(1, 3, 32, 32))  # still the base model
