@@ -615,3 +615,17 @@ def test_a_qkv_that_holds_only_k_and_v_is_a_plain_linear() -> None:
     assert {type(layers[n]) for n in globals_} == {LoRALinear}
     assert {type(layers[n]) for n in set(qkvs) - globals_} == {LoRAQKVLinear}
     assert net(torch.randn(1, 3, 64, 64)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_qlora_trainable_share_is_of_the_original_parameter_count(bits) -> None:
+    """The quantized weights are buffers: the share used to be of what was left (57.69 % on a tiny ViT)."""
+    net = _make("vit_tiny_patch16_224")
+    total = sum(p.numel() for p in net.parameters())
+    apply_strategy(net, "qlora", {"bits": bits, "rank": 2})
+    lora = sum(p.numel() for n, p in net.named_parameters() if n.rsplit(".", 1)[-1] in ("lora_A", "lora_B"))
+    head = 192 * 5 + 5
+    assert trainable_parameter_count(net) == (lora + head, total + lora)
+    lora_net = _make("vit_tiny_patch16_224")
+    apply_strategy(lora_net, "lora", {"rank": 2})
+    assert trainable_parameter_count(lora_net) == trainable_parameter_count(net)

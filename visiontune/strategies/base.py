@@ -210,7 +210,19 @@ def delta_parameter_names(model: nn.Module) -> frozenset[str]:
 
 
 def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; shared tensors are counted once."""
+    """(trainable, total) parameter counts; shared tensors are counted once. A frozen weight stored quantized
+    (qlora: buffers of codes in a module with ``quantized_numel``) counts as the parameters it stands for, so the
+    total, and the trainable share, are those of the original model.
+
+    Example:
+        >>> import timm
+        >>> net = timm.create_model("resnet18", num_classes=3)
+        >>> total = trainable_parameter_count(net)[1]
+        >>> _ = apply_strategy(net, "qlora", {"bits": 4})
+        >>> lora = sum(p.numel() for n, p in net.named_parameters() if "lora_" in n)
+        >>> trainable_parameter_count(net)[1] == total + lora
+        True
+    """
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():
@@ -220,4 +232,5 @@ def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
         total += p.numel()
         if p.requires_grad:
             trainable += p.numel()
+    total += sum(int(getattr(m, "quantized_numel", 0)) for m in model.modules())
     return trainable, total

@@ -138,6 +138,8 @@ class QuantizedBase(nn.Module):
             raise StrategyError(f"quantization to {bits} bits is not supported; use one of {list(SUPPORTED_BITS)}")
         self.bits = bits
         self.weight_shape = tuple(weight.shape)
+        #: entries of the frozen weight this layer stores as codes: parameters it stood for (parameter counts)
+        self.quantized_numel = math.prod(self.weight_shape)
         self.weight_dtype = weight.dtype
         w = weight.detach().float()
         if not torch.isfinite(w).all():
