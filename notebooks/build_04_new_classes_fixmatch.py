@@ -87,7 +87,7 @@ become new classes, appended after the old ones. `val/` holds every class: valid
 
 First with the ten labeled photos only, then with FixMatch on the unlabeled folder too (the same in YAML:
 `configs/new_classes.yaml`)."""),
-    new_code_cell("""def add_species(semi_supervised=None, steps=100):
+    new_code_cell("""def add_species(semi_supervised=None, steps=60):
     L.seed_everything(0)
     model = vt.TransferClassifier(
         "tf_efficientnet_lite0", weights=None, strategy="full", bn="train", lr=5e-4,
