@@ -15,6 +15,7 @@ definition) and prints:
     python benchmarks/backbone_table.py --nightly       # also the nightly families
     python benchmarks/backbone_table.py --quick         # the first 8 families
     python benchmarks/backbone_table.py --only vit,swin --strategies lora,vpt
+    python benchmarks/backbone_table.py --nightly --readme  # the table of README.md's "Backbones" section
 """
 
 from __future__ import annotations
@@ -75,6 +76,40 @@ def classify(case: bc.Case, strategy: str, workdir: Path) -> tuple[str, str, flo
     return "ok", "", dt
 
 
+#: Short reason classes of the refusals (the README table), by a phrase of the StrategyError's message.
+REASONS = (  # most specific first: every VPT refusal ends with the same explanation
+    ("do not take", "blocks take no extra tokens"),
+    ("does not give one tensor of patch tokens", "no patch tokens"),
+    ("do not read a token sequence", "no token sequence"),
+    ("it has no patch_embed", "no token sequence"),
+    ("it has no blocks", "no flat blocks"),  # hierarchical transformers: Swin, PiT, LeViT, ...
+    ("no transformer blocks", "no stages"),
+    ("does not map a tensor to a tensor", "tuple outputs"),
+    ("never calls", "weight read directly"),
+    ("no normalisation layer", "nothing normalises"),
+    ("no group_matcher", "no stages"),
+)
+
+
+def reason(message: str) -> str:
+    """The short class of a refusal message (``other`` if none matches)."""
+    return next((short for phrase, short in REASONS if phrase in message), "other")
+
+
+def readme_table(cases: list[bc.Case], strategies: list[str],
+                 results: dict[tuple[str, str], tuple[str, str, float]]) -> str:
+    """The families x strategies table of the README: ``ok``, ``refused (reason)``, ``BROKEN``."""
+    lines = ["| family | timm model | " + " | ".join(strategies) + " |", "|---|---|" + "---|" * len(strategies)]
+    for case in cases:
+        cells = []
+        for s in strategies:
+            status, detail, _ = results[case.id, s]
+            cells.append({"ok": "ok", "broken": "**BROKEN**"}.get(status, f"refused ({reason(detail)})"))
+        name = f"{case.id} (nightly)" if case.nightly else case.id
+        lines.append(f"| {name} | `{case.model}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def expected(case: bc.Case, strategy: str) -> str:
     if strategy in case.broken:
         return "broken"
@@ -88,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="", help="comma-separated family ids")
     ap.add_argument("--strategies", default="", help="comma-separated strategies (default: all registered)")
     ap.add_argument("--verbose", action="store_true", help="print each cell as it finishes")
+    ap.add_argument("--readme", action="store_true",
+                    help="print only the README's table (refusals as 'refused (reason)') and the RESULT lines")
     args = ap.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
@@ -115,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
             family_time[case.id] = time.perf_counter() - tc
     total = time.perf_counter() - t0
 
+    counts = {k: sum(1 for r in results.values() if r[0] == k) for k in ("ok", "refused", "broken")}
+    if args.readme:
+        print(readme_table(cases, strategies, results))
+        print(f"\n{len(results)} cells in {total:.1f} s")
+        for k, v in counts.items():
+            print(f"RESULT backbone_cells_{k} {v} report")
+        return 0
     mark = {"ok": "ok", "refused": "refused", "broken": "**BROKEN**"}
     print(f"## timm families × strategies ({len(cases)} families, {len(strategies)} strategies)\n")
     print("| family | model | " + " | ".join(strategies) + " | s |")
@@ -147,7 +191,6 @@ def main(argv: list[str] | None = None) -> int:
         for fam, s, exp, got in surprises:
             print(f"- {fam} × {s}: expected {exp}, got {got}")
 
-    counts = {k: sum(1 for r in results.values() if r[0] == k) for k in ("ok", "refused", "broken")}
     print(f"\n{len(results)} cells in {total:.1f} s")
     for k, v in counts.items():
         print(f"RESULT backbone_cells_{k} {v} report")
