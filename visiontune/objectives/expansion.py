@@ -283,8 +283,9 @@ class ClassExpansion:
         cfg = module.data_config
         return eval_transform(size, res.get("mean") or cfg["mean"], res.get("std") or cfg["std"])
 
-    def _anchors(self, module: "ClassifierModel", dm: Any, limit: int = 4096) -> tuple[Tensor | None, Any]:
-        """Up to ``limit`` unlabeled images (eval transform, a fixed random subset) and their pool indices:
+    def _anchors(self, module: "ClassifierModel", dm: Any, limit: int = 1024) -> tuple[Tensor | None, Any]:
+        """Up to ``limit`` unlabeled images (eval transform, a fixed random subset: held in memory at once,
+        1024 x 3 x 224 x 224 floats is 0.6 GB) and their pool indices:
         the anchors that calibrate the new head rows (:func:`visiontune.models.heads.calibrate_new_rows`)
         and the images :meth:`_label_pool` labels; ``(None, None)`` without a pool."""
         ds = getattr(dm, "unlabeled_set", None)
