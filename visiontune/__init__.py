@@ -47,6 +47,7 @@ _EXPORTS: dict[str, str] = {
     "ClassExpansionConfig": "objectives.classes", "split_accuracy": "objectives.classes",
     "new_accuracy_at": "objectives.classes",
     "FixMatchState": "objectives.fixmatch", "ClassExpansion": "objectives.expansion",
+    "FreeMatchThresholds": "objectives.weighting", "SoftMatchWeights": "objectives.weighting",
     # deltas and tasks
     "save_delta": "delta.format", "load_delta": "delta.load", "build_from_delta": "delta.build",
     "delta_from_file": "delta.format", "DeltaError": "delta.format", "DeltaWriter": "delta.writer",

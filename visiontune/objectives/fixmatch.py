@@ -48,6 +48,7 @@ from torch import Tensor, nn
 from ..errors import ConfigError
 from .semisup import FixMatchConfig, fixmatch_loss, forward_train, predict_weak
 from .semisup_state import DistributionAlignment, FlexMatchThresholds
+from .weighting import AdaptiveState, FreeMatchThresholds, SoftMatchWeights, adaptive_loss
 
 if TYPE_CHECKING:  # pragma: no cover
     from .expansion import ClassExpansion
@@ -70,7 +71,7 @@ def as_fixmatch_config(value: Union[FixMatchConfig, Mapping[str, Any], None]) ->
         >>> as_fixmatch_config({"treshold": 0.9})
         Traceback (most recent call last):
         ...
-        visiontune.errors.ConfigError: model.semi_supervised: unknown option(s) ['treshold']; known: threshold, mu, lambda_u, temperature, hard_labels, warmup_steps, ema, distribution_alignment, class_thresholds, bn
+        visiontune.errors.ConfigError: model.semi_supervised: unknown option(s) ['treshold']; known: threshold, mu, lambda_u, temperature, hard_labels, warmup_steps, ema, distribution_alignment, class_thresholds, bn, algorithm, state_momentum, fairness_weight
     """
     from ..training.options import coerce_config
 
@@ -87,7 +88,10 @@ class FixMatchState:
     Deliberately not an ``nn.Module``: the EMA teacher's parameters must not reach the optimizer or the
     model's ``state_dict`` (they go to the checkpoint's ``"visiontune_fixmatch"`` entry instead), and the
     helpers are built lazily, once the classes (and, with expansion, the grown head) and the unlabeled
-    pool are known. State restored from a checkpoint is applied when they are built.
+    pool are known. State restored from a checkpoint is applied when they are built; per-class state
+    (alignment, FreeMatch / SoftMatch) saved with fewer classes than the model now has is grown
+    (:func:`~visiontune.objectives.semisup_state.grown_distribution`). ``algorithm: freematch | softmatch``
+    adds the ``weighting`` entry (:mod:`visiontune.objectives.weighting`); FixMatch checkpoints are unchanged.
 
     Args:
         cfg: the FixMatch options.
@@ -103,6 +107,7 @@ class FixMatchState:
         self.teacher: WeightEMA | None = WeightEMA(cfg.ema) if cfg.ema is not None else None
         self.da: DistributionAlignment | None = None
         self.flex: FlexMatchThresholds | None = None
+        self.weighting: AdaptiveState | None = None
         self.pool_size: int | None = None
         self._pending: dict[str, Any] = {}
 
@@ -140,7 +145,19 @@ class FixMatchState:
         if cfg.distribution_alignment and self.da is None:
             self.da = DistributionAlignment(n)
             if "da" in self._pending:
-                self.da.load_state_dict(self._pending.pop("da"))
+                pending = self._pending.pop("da")
+                saved = int(torch.as_tensor(pending["mean"]).shape[0])
+                if saved < n:  # saved before classes were added
+                    self.da = DistributionAlignment(saved)
+                    self.da.load_state_dict(pending)
+                    self.da.grow(n)
+                else:
+                    self.da.load_state_dict(pending)
+        if cfg.algorithm != "fixmatch" and self.weighting is None:
+            kind = FreeMatchThresholds if cfg.algorithm == "freematch" else SoftMatchWeights
+            self.weighting = kind(n, momentum=cfg.state_momentum)
+            if "weighting" in self._pending:
+                self.weighting.load_state_dict(self._pending.pop("weighting"))  # grows a smaller one
         if cfg.class_thresholds == "flexmatch" and self.flex is None:
             pending = self._pending.pop("flex", None)
             size = self.pool_size or (len(pending["selected"]) if pending else None)
@@ -173,14 +190,17 @@ class FixMatchState:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Plain tensors and numbers: the config, the teacher, DA and FlexMatch state."""
+        """Plain tensors and numbers: the config, the teacher, DA, FlexMatch and FreeMatch / SoftMatch state."""
         def get(obj: Any, key: str) -> Any:
             return obj.state_dict() if obj is not None else self._pending.get(key)
 
         ema = self.teacher.state_dict() if self.teacher is not None else {"teacher": self._pending.get("teacher"),
                                                                           "last_step": -1}
-        return {"config": dataclasses.asdict(self.cfg), "teacher": ema["teacher"], "da": get(self.da, "da"),
-                "flex": get(self.flex, "flex"), "last_ema_step": ema["last_step"]}
+        out = {"config": dataclasses.asdict(self.cfg), "teacher": ema["teacher"], "da": get(self.da, "da"),
+               "flex": get(self.flex, "flex"), "last_ema_step": ema["last_step"]}
+        if self.cfg.algorithm != "fixmatch":
+            out["weighting"] = get(self.weighting, "weighting")
+        return out
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore; helpers already built load now, the others when they are built."""
@@ -188,7 +208,7 @@ class FixMatchState:
             self.teacher.load_state_dict({"last_step": state.get("last_ema_step", -1), "teacher": state.get("teacher")})
         elif state.get("teacher") is not None:
             self._pending["teacher"] = state["teacher"]
-        for key in ("da", "flex"):
+        for key in ("da", "flex", "weighting"):
             value, obj = state.get(key), getattr(self, key)
             if value is None:
                 continue
@@ -321,8 +341,17 @@ def _fixmatch_losses(module: "ClassifierModel", fm: FixMatchState, expansion: Op
             logs["train_replay"] = float(replayed.sum())
     logits_sup, logits_s = forward_train(module.net, x_sup, x_s, fm.cfg.bn)
     logits_l = logits_sup[: len(y)]
-    out = fixmatch_loss(logits_s, weak, fm.cfg, step=int(module.global_step), da=fm.da, flex=fm.flex,
-                        indices=index)
+    if fm.weighting is not None:  # FreeMatch / SoftMatch
+        out = adaptive_loss(logits_s, weak, fm.cfg, state=fm.weighting, step=int(module.global_step), da=fm.da)
+        if out.loss_fair is not None:
+            logs["train_fairness_loss"] = out.loss_fair.detach()
+        if isinstance(fm.weighting, FreeMatchThresholds):
+            logs["train_freematch_tau"] = fm.weighting.tau
+        else:
+            logs["train_softmatch_mu"] = fm.weighting.mu
+    else:
+        out = fixmatch_loss(logits_s, weak, fm.cfg, step=int(module.global_step), da=fm.da, flex=fm.flex,
+                            indices=index)
     sup = module.loss(logits_sup, y_sup)
     loss = sup + out.loss
     logs.update({"train_unsup_loss": out.loss_u.detach(), "train_unsup_weight": float(out.weight),

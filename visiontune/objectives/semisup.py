@@ -50,6 +50,7 @@ __all__ = [
 ]
 
 _THRESHOLD_MODES = ("fixed", "flexmatch")
+_ALGORITHMS = ("fixmatch", "freematch", "softmatch")
 _BN_MODES = ("concat", "separate")
 
 
@@ -85,6 +86,9 @@ class FixMatchConfig:
             its own statistics (running stats updated twice per step); use it when labeled and
             unlabeled images come from visibly different distributions, or to bound peak memory.
             For models without BatchNorm (ViTs) the two give the same losses.
+        algorithm: ``"fixmatch"``, ``"freematch"`` or ``"softmatch"`` (:mod:`visiontune.objectives.weighting`;
+            the last two ignore ``threshold``). ``state_momentum``: their EMA momentum in [0, 1) (paper 0.999);
+            ``fairness_weight``: FreeMatch's fairness-loss weight (>= 0, USB's default 0.01).
 
     Example:
         >>> cfg = FixMatchConfig(threshold=0.9, mu=1, ema=0.999)
@@ -104,6 +108,9 @@ class FixMatchConfig:
     distribution_alignment: bool = False
     class_thresholds: str = "fixed"
     bn: str = "concat"
+    algorithm: str = "fixmatch"
+    state_momentum: float = 0.999
+    fairness_weight: float = 0.01
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> ConfigError:
@@ -129,6 +136,17 @@ class FixMatchConfig:
             raise bad("class_thresholds", f"one of {_THRESHOLD_MODES}")
         if self.bn not in _BN_MODES:
             raise bad("bn", f"one of {_BN_MODES}")
+        if self.algorithm not in _ALGORITHMS:
+            raise ConfigError(f"model.semi_supervised.algorithm must be one of {', '.join(_ALGORITHMS)}; "
+                              f"got {self.algorithm!r}")
+        if not _is_real(self.state_momentum) or not 0.0 <= self.state_momentum < 1.0:
+            raise bad("state_momentum", "in [0, 1)")
+        if not _is_real(self.fairness_weight) or self.fairness_weight < 0:
+            raise bad("fairness_weight", "a float >= 0")
+        if self.algorithm != "fixmatch" and self.class_thresholds != "fixed":
+            raise bad("class_thresholds", f"'fixed' with algorithm {self.algorithm!r} (its own thresholds)")
+        if self.algorithm == "softmatch" and self.distribution_alignment:
+            raise bad("distribution_alignment", "false with algorithm 'softmatch' (it aligns uniformly itself)")
 
 
 def _is_real(x: Any) -> bool:
@@ -354,7 +372,9 @@ class FixMatchOutput:
         weight: ``unsup_weight(step, cfg)``.
         targets: pseudo-labels (hard ``(N,)`` or soft ``(N, C)``).
         mask: ``(N,)`` bool confidence mask.
-        mask_rate: fraction of confident samples, a 0-dim tensor (no host sync; for logging).
+        mask_rate: fraction of confident samples (SoftMatch: the mean weight), a 0-dim tensor (no host sync).
+        weights: ``(N,)`` float per-sample weights of the loss (FreeMatch / SoftMatch; None: ``mask``).
+        loss_fair: FreeMatch's unweighted fairness loss (None otherwise).
     """
 
     loss: Tensor
@@ -363,6 +383,8 @@ class FixMatchOutput:
     targets: Tensor
     mask: Tensor
     mask_rate: Tensor
+    weights: Tensor | None = None
+    loss_fair: Tensor | None = None
 
 
 def fixmatch_loss(
@@ -400,10 +422,10 @@ def fixmatch_loss(
         ([True, False, True], 0.667)
     """
     if strong_logits.shape != weak_logits.shape:
-        raise ValueError(
-            f"strong_logits {tuple(strong_logits.shape)} and weak_logits "
-            f"{tuple(weak_logits.shape)} must have the same shape"
-        )
+        raise ValueError(f"strong_logits {tuple(strong_logits.shape)} and weak_logits "
+                         f"{tuple(weak_logits.shape)} must have the same shape")
+    if cfg.algorithm != "fixmatch":
+        raise ValueError(f"{cfg.algorithm}'s loss is visiontune.objectives.weighting.adaptive_loss")
     probs = torch.softmax(weak_logits.detach().float() / cfg.temperature, dim=-1)
     mean = None
     if cfg.distribution_alignment:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 # This module is below visiontune.objectives.semisup (which re-exports its classes): it imports nothing from it.
-__all__ = ["DistributionAlignment", "EMATeacher", "FlexMatchThresholds", "align_distribution"]
+__all__ = ["DistributionAlignment", "EMATeacher", "FlexMatchThresholds", "align_distribution", "grown_distribution"]
 
 
 class _ThresholdOptions(Protocol):
@@ -55,6 +55,21 @@ def align_distribution(probs: Tensor, class_prob_mean: Tensor, target_dist: Tens
         raise ValueError(f"target_dist must have shape ({c},); got {tuple(target.shape)}")
     aligned = probs * (target / mean.clamp_min(1e-12))
     return aligned / aligned.sum(dim=-1, keepdim=True)
+
+
+def grown_distribution(values: Tensor, num_classes: int) -> Tensor:
+    """A ``(C,)`` distribution extended to ``num_classes`` C' >= C when classes are added: the old entries scaled
+    by C/C', the new ones at the fresh value 1/C' (a distribution keeps summing to 1).
+
+    Example:
+        >>> grown_distribution(torch.tensor([0.75, 0.25]), 4).tolist()
+        [0.375, 0.125, 0.25, 0.25]
+    """
+    old = values.shape[0]
+    if num_classes < old:
+        raise ValueError(f"classes can only be added: {old} -> {num_classes}")
+    fresh = torch.full((num_classes - old,), 1.0 / num_classes, dtype=values.dtype, device=values.device)
+    return torch.cat([values * (old / num_classes), fresh])
 
 
 class DistributionAlignment:
@@ -114,6 +129,12 @@ class DistributionAlignment:
     def align(self, probs: Tensor) -> Tensor:
         """``probs * target / mean``, renormalised so each row sums to 1."""
         return align_distribution(probs, self.mean, self.target)
+
+    def grow(self, num_classes: int) -> None:
+        """Add classes (:func:`grown_distribution`): the running mean and the target both grow."""
+        self.mean = grown_distribution(self.mean, num_classes)
+        self.target = grown_distribution(self.target, num_classes)
+        self.num_classes = num_classes
 
     def state_dict(self) -> dict[str, Any]:
         return {"mean": self.mean.clone(), "target": self.target.clone(), "steps": self.steps,
