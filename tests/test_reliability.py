@@ -241,7 +241,9 @@ def test_error_policy_lists_every_bad_file_of_every_split_at_setup(tmp_path):
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_error_policy_names_a_file_broken_after_setup_when_loading(tmp_path, num_workers):
     root = make_folder(tmp_path / "train", per_class=2)
-    dm = ImageDataModule(train=str(root), image_size=16, batch_size=8, val_split=0, num_workers=num_workers)
+    # without the decoded-image cache (with it, setup decodes every file once and later reads never touch them)
+    dm = ImageDataModule(train=str(root), image_size=16, batch_size=8, val_split=0, num_workers=num_workers,
+                         cache_images=False)
     dm.setup("fit")  # the setup scan passes; full decoding happens on demand
     assert len(dm.train_set) == 6
     (root / "red" / "0.png").write_bytes(b"")  # damaged after the scan: still named when it is read

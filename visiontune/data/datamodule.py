@@ -83,6 +83,12 @@ class ImageDataModule(DataViews, L.LightningDataModule):
             ``bad_images.json`` in the run directory.
         classes: the class list, in label order; a training/val/test label outside it is an error naming
             the files. ``None`` = the labels found in the training data, sorted.
+        decode_side: image files are decoded reduced to this short side (JPEGs by the decoder's DCT scaling,
+            then an area resize; never enlarged); ``None`` = twice ``image_size`` (a random-resized crop
+            needs 1.3x), ``0`` = full size. Camera-size JPEGs decode several times faster.
+        cache_images: keep the decoded (reduced) images in memory, filled at setup with a thread per core, so
+            later epochs only augment; up to a quarter of the machine's memory (at most 4 GiB) per split, the
+            rest is decoded on every read. See ``benchmarks/data_path.py`` for what it saves.
 
     Example:
         >>> dm = ImageDataModule(train="digits", image_size=32, batch_size=16, labels_per_class=5)
@@ -114,6 +120,8 @@ class ImageDataModule(DataViews, L.LightningDataModule):
         max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
         on_bad_image: Literal["error", "skip"] = "error",
         classes: Optional[list[str]] = None,
+        decode_side: Optional[int] = None,
+        cache_images: bool = True,
     ) -> None:
         super().__init__()
         problems = []
@@ -136,6 +144,8 @@ class ImageDataModule(DataViews, L.LightningDataModule):
             problems.append(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}")
         if classes is not None and (isinstance(classes, str) or len(set(map(str, classes))) != len(classes)):
             problems.append(f"classes must be a list of distinct class names, got {classes!r}")
+        if decode_side is not None and (not isinstance(decode_side, int) or decode_side < 0):
+            problems.append(f"decode_side must be an integer >= 0 (0 = decode at full size), got {decode_side!r}")
         if problems:
             raise DataOptionError(problems, "ImageDataModule")
         self.train, self.val, self.test, self.unlabeled, self.predict = train, val, test, unlabeled, predict
@@ -152,6 +162,7 @@ class ImageDataModule(DataViews, L.LightningDataModule):
         self.unlabeled_ratio = unlabeled_ratio
         self.max_pixels = max_pixels
         self.on_bad_image = on_bad_image
+        self.decode_side, self.cache_images = decode_side, bool(cache_images)
         self.classes = [str(c) for c in classes] if classes is not None else None
         self._bad_images: dict[str, tuple[list[dict[str, Any]], int]] = {}  # role -> (records, files checked)
         self._scan_files = True  # on_bad_image="error": scan every file at setup (check-data decodes them itself)
@@ -270,11 +281,11 @@ class ImageDataModule(DataViews, L.LightningDataModule):
                 raise DataError(problems)
             for role, s in found.items():
                 if s is not None:
-                    setattr(self, f"{role}_set", ImageDataset(s, evaluate, max_pixels=self.max_pixels))
+                    setattr(self, f"{role}_set", self.image_dataset(s, evaluate))
                     self.split[role] = [s.describe(i) for i in range(len(s))]
         if stage in (None, "predict") and self.predict is not None:
             s = self._checked(read_source(self.predict, labeled=False), "predict")
-            self.predict_set = ImageDataset(s, evaluate, return_index=True, max_pixels=self.max_pixels)
+            self.predict_set = self.image_dataset(s, evaluate, return_index=True)
         self._write_bad_image_report()
 
     def _read_eval(self, role: str, names: Sequence[str] | None, problems: list[str]) -> Samples | None:
@@ -356,10 +367,10 @@ class ImageDataModule(DataViews, L.LightningDataModule):
         train = full.subset(idx)
         augment = train_transform(size, mean, std, scale=self.crop_scale, hflip=self.hflip, interpolation=interp,
                                   augment=self.augment)
-        self.train_set = ImageDataset(train, augment, max_pixels=self.max_pixels)
+        self.train_set = self.image_dataset(train, augment)
         self.train_set.reseed(self.seed)
-        self.val_set = ImageDataset(val, evaluate, max_pixels=self.max_pixels) if val is not None else None
-        self.test_set = ImageDataset(test, evaluate, max_pixels=self.max_pixels) if test is not None else None
+        self.val_set = self.image_dataset(val, evaluate) if val is not None else None
+        self.test_set = self.image_dataset(test, evaluate) if test is not None else None
         self.split = {"train": [train.describe(i) for i in range(len(train))]}
         if val is not None:
             self.split["val"] = [val.describe(i) for i in range(len(val))]

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from .decoded import DecodedImages
 from .images import DEFAULT_MAX_PIXELS
 from .sources import Samples
 from .transforms import seed_transform
@@ -29,6 +30,11 @@ class ImageDataset(Dataset):
         with_index: also return the item index after the label (``-1`` = unknown), e.g. the unlabeled pool:
             ``(weak, strong, label, index)``; FlexMatch tracks pool samples by index.
         max_pixels: decompression-bomb limit for files.
+        decode_side: files are decoded reduced to this short side (JPEGs by the decoder's DCT scaling, then an
+            area resize; ``None``: full size), see :mod:`visiontune.data.decoded`.
+        cache_images: keep the decoded images in memory (up to a byte budget), so later epochs do not decode.
+        images: share the decoded images of another dataset over the same samples (an evaluation view of the
+            training set); ``decode_side`` and ``cache_images`` are then that dataset's.
     """
 
     def __init__(
@@ -39,8 +45,15 @@ class ImageDataset(Dataset):
         return_index: bool = False,
         with_index: bool = False,
         max_pixels: int | None = DEFAULT_MAX_PIXELS,
+        decode_side: int | None = None,
+        cache_images: bool = False,
+        images: DecodedImages | None = None,
     ) -> None:
         self.samples = samples
+        if images is not None and images.items is not samples.items:
+            raise ValueError("images= must decode the same samples.items as this dataset")
+        self.images = images or DecodedImages(samples.items, side=decode_side, cache=cache_images,
+                                              max_pixels=max_pixels)
         self.multi = isinstance(transforms, (list, tuple))
         self.transforms = list(transforms) if self.multi else [transforms]
         self.return_index = return_index
@@ -72,12 +85,8 @@ class ImageDataset(Dataset):
         return int(self._epoch)
 
     def load(self, i: int) -> np.ndarray:
-        item = self.samples.items[i]
-        if isinstance(item, np.ndarray):
-            return item
-        from .images import load_image
-
-        return load_image(item, max_pixels=self.max_pixels)
+        """Item ``i`` as an ``HxWx3`` uint8 array (decoded, reduced to ``decode_side``, from the cache if held)."""
+        return self.images[i]
 
     def __getitem__(self, i: int):
         image = self.load(i)

@@ -283,7 +283,9 @@ def _open_checked(path: str | os.PathLike[str], max_pixels: int | None) -> tuple
 # --- public API --------------------------------------------------------------------------------------------
 
 
-def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def load_image(
+    path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None
+) -> np.ndarray:
     """Read an image file as an ``HxWx3`` uint8 RGB array, or raise :class:`BadImageError`.
 
     See the module docstring for the full "input → outcome" table: EXIF orientation applied, transparency
@@ -295,6 +297,9 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
         max_pixels: refuse images with ``width * height > max_pixels``, checked from the header before
             decoding. ``None`` disables this limit (PIL's own hard limit, twice ``Image.MAX_IMAGE_PIXELS``,
             still refuses).
+        min_side: decode a JPEG at a reduced scale (1/2, 1/4 or 1/8: the decoder's DCT scaling, several times
+            faster than a full decode) as long as both sides stay ``>= min_side``; other formats and ``None``:
+            full size. Nothing is resized here (see :func:`visiontune.data.decoded.reduce_image`).
 
     Returns:
         A C-contiguous, writable ``(height, width, 3)`` ``uint8`` array.
@@ -309,6 +314,8 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     """
     img = _open_checked(path, max_pixels)[0]
     with img:
+        if min_side and img.format in ("JPEG", "MPO"):
+            img.draft(img.mode, (int(min_side), int(min_side)))
         try:
             with _refuse_truncated():
                 img.load()  # decode everything here, so truncation surfaces inside this try

@@ -83,8 +83,29 @@ class DataViews:
         else:
             self.unlabeled_set = None
             return
-        self.unlabeled_set = ImageDataset(pool, views, max_pixels=self.max_pixels, with_index=True)
+        self.unlabeled_set = self.image_dataset(pool, views, with_index=True, share=self.unlabeled_set)
         self.unlabeled_set.reseed(self.seed + 3)
+
+    # ------------------------------------------------------------------ datasets
+    def image_dataset(self, samples: Samples, transforms: Any, *, share: Optional[ImageDataset] = None,
+                      **kw: Any) -> ImageDataset:
+        """An :class:`ImageDataset` of ``samples`` with the datamodule's decoding options: files decoded once,
+        reduced to ``decode_side`` (default twice the image size) and, with ``cache_images``, kept in memory
+        (filled now, a thread per core). ``share``: a dataset over the same samples whose decoded images to reuse.
+        """
+        if share is not None and share.samples is samples:
+            return ImageDataset(samples, transforms, max_pixels=self.max_pixels, images=share.images, **kw)
+        side = self.decode_side
+        if side is None:
+            from .decoded import default_decode_side
+
+            res = getattr(self, "resolved", None) or {}
+            side = default_decode_side(int(res.get("image_size") or self.image_size or 224))
+        ds = ImageDataset(samples, transforms, max_pixels=self.max_pixels, decode_side=side or None,
+                          cache_images=self.cache_images, **kw)
+        if self.cache_images:
+            ds.images.fill()
+        return ds
 
     # ------------------------------------------------------------------ views for a feature cache
     def eval_view_settings(self) -> dict[str, Any]:
@@ -102,8 +123,8 @@ class DataViews:
         if ds is None or not hasattr(ds, "samples"):
             return None
         s = self.eval_view_settings()
-        return ImageDataset(ds.samples, eval_transform(s["image_size"], s["mean"], s["std"], s["interpolation"]),
-                            max_pixels=self.max_pixels)
+        return self.image_dataset(ds.samples, eval_transform(s["image_size"], s["mean"], s["std"],
+                                                             s["interpolation"]), share=ds)
 
     def serve(self, role: str, dataset: Optional[Dataset]) -> None:
         """From now on the ``role`` loader yields ``dataset`` (same items and labels as the split, e.g. cached
