@@ -25,6 +25,7 @@ TOOLS: dict[str, Union[str, Tool]] = {
     "check-data": "visiontune.data.checks:main",
     "compare": "visiontune.comparison.api:compare_main",
     "lr-find": "visiontune.schedule.tuning:lr_find_main",
+    "report": "visiontune.reports.cli:report_main",
     "schedule": "visiontune.schedule.tuning:schedule_main",
     "strategies": "visiontune.cli.strategies:strategies_main",
 }

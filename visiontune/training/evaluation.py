@@ -1,6 +1,8 @@
 """Evaluation of a :class:`~visiontune.TransferClassifier`: accuracy, macro-F1 and the confusion matrix for the
 val and test stages (torchmetrics, synced under DDP), the per-class summary of an epoch, and the Lightning
-validation / test / predict steps that use them (:class:`EvaluationSteps`)."""
+validation / test / predict steps that use them (:class:`EvaluationSteps`). Each eval epoch also keeps every image's
+prediction (dataset index, true and predicted label, confidence: no second pass over the data), which
+:class:`~visiontune.RunReport` writes to ``predictions_<stage>.csv``."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-__all__ = ["EvaluationSteps", "epoch_metrics", "make_metrics"]
+__all__ = ["EvaluationSteps", "epoch_metrics", "loader_order", "make_metrics"]
 
 
 def make_metrics(num_classes: int) -> nn.ModuleDict:
@@ -59,12 +61,43 @@ def epoch_metrics(
     return acc, f1, confusion, per_class_acc
 
 
+def loader_order(loader: Any) -> Optional[list[int]]:
+    """The dataset indices an evaluation loader yields, in order (its sampler's order), or ``None`` when that
+    order is not fixed (a random sampler) or not known.
+
+    Example:
+        >>> from torch.utils.data import DataLoader
+        >>> loader_order(DataLoader(list(range(5)), batch_size=2))
+        [0, 1, 2, 3, 4]
+    """
+    from torch.utils.data import DistributedSampler, SequentialSampler
+
+    if isinstance(loader, (list, tuple)):
+        loader = loader[0] if len(loader) == 1 else None
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, SequentialSampler) or (isinstance(sampler, DistributedSampler) and not sampler.shuffle):
+        return [int(i) for i in sampler]
+    return None
+
+
+def _gather_rows(rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every process's rows (under DDP), each dataset index once (a distributed sampler pads with repeats)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return rows
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, rows)
+    merged = {k: np.concatenate([p[k] for p in parts]) for k in rows}
+    _, first = np.unique(merged["index"], return_index=True)
+    return {k: v[first] for k, v in merged.items()}
+
+
 class EvaluationSteps:
     """The evaluation half of :class:`~visiontune.TransferClassifier`, a mixin listed before
     ``LightningModule``: the validation and test steps log ``{stage}_loss`` and update :attr:`metrics`
     (:func:`make_metrics`); each epoch end logs ``{stage}_acc`` and ``{stage}_macro_f1``, keeps
-    :attr:`last_eval` (stage, confusion matrix, per-class accuracy) and calls :meth:`after_eval_epoch`; the
-    predict step returns ``{"index", "label", "score"}`` per batch.
+    :attr:`last_eval` (stage, confusion matrix, per-class accuracy, and ``predictions``: per image its dataset
+    ``index``, ``true`` and ``pred`` label and ``confidence``, numpy arrays in dataset order) and calls
+    :meth:`after_eval_epoch`; the predict step returns ``{"index", "label", "score"}`` per batch.
 
     The host provides ``metrics``, ``class_names``, ``loss(logits, y)`` and Lightning's ``log``.
     """
@@ -77,9 +110,36 @@ class EvaluationSteps:
         x, y = batch
         logits = self(x)
         self.log(f"{stage}_loss", self.loss(logits, y), batch_size=len(y), sync_dist=True)
-        preds = logits.argmax(1)
+        confidence, preds = logits.detach().softmax(1).max(1)
         for m in self.metrics[stage].values():
             m.update(preds, y)
+        # kept on the device until the epoch ends: no host sync per batch
+        rows = getattr(self, "_eval_rows", None)
+        if rows is None:
+            rows = self._eval_rows = []
+        rows.append((preds, y.detach(), confidence))
+
+    def _epoch_predictions(self, stage: str) -> dict[str, np.ndarray]:
+        """This epoch's per-image predictions (see :attr:`last_eval`); dataset indices from the loader's order
+        (``-1`` when the loader's order is not fixed)."""
+        rows = getattr(self, "_eval_rows", None) or []
+        self._eval_rows: list[tuple[torch.Tensor, ...]] = []  # this epoch's (pred, true, confidence) per batch
+        columns = [torch.cat(col).cpu().numpy() for col in zip(*rows)] if rows else [np.zeros(0)] * 3
+        pred, true, conf = columns
+        trainer = getattr(self, "_trainer", None)
+        loader = getattr(trainer, f"{stage}_dataloaders", None) if trainer is not None else None
+        order = loader_order(loader)
+        index = (np.asarray(order[:len(pred)], dtype=np.int64) if order is not None and len(order) >= len(pred)
+                 else np.full(len(pred), -1, dtype=np.int64))
+        out = {"index": index, "true": true.astype(np.int64), "pred": pred.astype(np.int64),
+               "confidence": conf.astype(np.float32)}
+        return _gather_rows(out) if order is not None else out
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_rows = []
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_rows = []
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -91,7 +151,8 @@ class EvaluationSteps:
         acc, f1, confusion, per_class_acc = epoch_metrics(self.metrics[stage], self.class_names)
         self.log(f"{stage}_acc", acc, prog_bar=True)
         self.log(f"{stage}_macro_f1", f1)
-        self.last_eval = {"stage": stage, "confusion": confusion, "per_class_acc": per_class_acc}
+        self.last_eval = {"stage": stage, "confusion": confusion, "per_class_acc": per_class_acc,
+                          "predictions": self._epoch_predictions(stage)}
         self.after_eval_epoch(stage, confusion)
 
     def after_eval_epoch(self, stage: str, confusion: np.ndarray) -> None:

@@ -1,4 +1,4 @@
-"""Run directory artifacts: metrics.json, class names, split, confusion matrix PNG, prediction CSV.
+"""Run directory artifacts: metrics.json, class names, split, confusion matrix PNG, prediction CSVs, report.html.
 
 Every ``fit``/``validate``/``test``/``predict`` run has one run directory (the logger's ``log_dir``);
 these callbacks write into it atomically, so an interrupted run never leaves a truncated file.
@@ -18,7 +18,9 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 
+from ..errors import ConfigError
 from ..io import atomic_save_figure, atomic_write, atomic_write_json
+from ..reports.plots import plot_confusion
 
 __all__ = ["RunReport", "PredictionCSVWriter", "run_dir", "plot_confusion"]
 
@@ -27,34 +29,6 @@ def run_dir(trainer: L.Trainer) -> Path:
     """The run directory of ``trainer``: its logger's ``log_dir`` (or ``default_root_dir``)."""
     path = trainer.log_dir or trainer.default_root_dir
     return Path(path)
-
-
-def plot_confusion(confusion: np.ndarray, class_names: list[str], title: str = ""):
-    """A matplotlib figure of a confusion matrix (rows: true class, columns: predicted)."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    n = len(class_names)
-    side = min(12, 2 + 0.45 * n)
-    fig, ax = plt.subplots(figsize=(side, side))
-    ax.imshow(confusion, cmap="Blues")
-    ax.set_xticks(range(n), class_names, rotation=90 if n > 10 else 0)
-    ax.set_yticks(range(n), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    if n <= 30:
-        peak = confusion.max() if confusion.size else 0
-        for i in range(n):
-            for j in range(n):
-                v = int(confusion[i, j])
-                if v:
-                    ax.text(j, i, v, ha="center", va="center", fontsize=8,
-                            color="white" if v > peak / 2 else "black")
-    ax.set_title(title)
-    fig.tight_layout()
-    return fig
 
 
 def _plain(value: Any) -> Any:
@@ -70,15 +44,31 @@ class RunReport(Callback):
 
     Writes ``metrics.json`` (final metrics such as ``val_acc``, ``test_acc``, ``val_macro_f1``, trainable
     parameters, time, peak memory), ``class_names.json``, ``split.json`` (the files of each split, incl.
-    the ``labels_per_class`` choice), ``per_class_accuracy.json`` and ``confusion_matrix_<stage>.png``.
+    the ``labels_per_class`` choice), ``confusion_matrix_<stage>.png`` / ``.csv``, ``predictions_<stage>.csv``
+    (every evaluated image: index, path, true, predicted, confidence) and ``report.html``
+    (:func:`visiontune.build_report`). During fit it also logs the learning rate (``lr``, the largest of the
+    optimizer's groups) to the loggers every ``log_every_n_steps``, for the report's learning curves.
+
+    A failure while building ``report.html`` never loses the run: one warning line, every other file is kept.
+
+    Args:
+        verbose: print the final metrics and where the run directory is.
+        html: write ``report.html``.
+        gallery_cap: at most this many misclassified images in the report.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[RunReport()])  # doctest: +SKIP
     """
 
-    def __init__(self, verbose: bool = True) -> None:
+    def __init__(self, verbose: bool = True, html: bool = True, gallery_cap: int = 48) -> None:
+        if isinstance(gallery_cap, bool) or not isinstance(gallery_cap, int) or gallery_cap < 0:
+            raise ConfigError(f"report.gallery_cap must be an integer >= 0, got {gallery_cap!r}")
         self.verbose = verbose
+        self.html = html
+        self.gallery_cap = gallery_cap
         self._start = 0.0
+        self.report_path: Path | None = None
+        self._html_due: tuple[Path, Any] | None = None
 
     def _write(self, trainer: L.Trainer, module: L.LightningModule, stage: str) -> None:
         out = run_dir(trainer)  # trainer.log_dir is a collective under DDP: every rank must ask
@@ -116,6 +106,13 @@ class RunReport(Callback):
         dm = getattr(trainer, "datamodule", None)
         if dm is not None and getattr(dm, "split", None):
             atomic_write_json(out / "split.json", dm.split)
+        if last.get("stage") in ("val", "test") and last.get("predictions") is not None:
+            try:
+                self._write_predictions(out, module, dm, last["stage"], last["predictions"])
+            except Exception as exc:  # never lose the run over the per-image file
+                print(f"visiontune: warning: predictions_{last['stage']}.csv not written ({type(exc).__name__}: {exc})")
+        if self.html:  # at teardown: after every callback's on_fit_end (the task delta is written by then)
+            self._html_due = (out, dm)
         if self.verbose:
             shown = {k: round(v, 4) for k, v in metrics.items()
                      if isinstance(v, float) and k.endswith(("_acc", "_macro_f1", "_loss"))}
@@ -126,6 +123,49 @@ class RunReport(Callback):
                 print(f"visiontune checkpoint: {ckpt}")
             print(f"visiontune run directory: {out}")
 
+    @staticmethod
+    def _write_predictions(out: Path, module: L.LightningModule, dm: Any, stage: str, predictions: dict) -> None:
+        from ..reports.runfiles import write_predictions
+
+        keys = (getattr(dm, "split", None) or {}).get(stage) if dm is not None else None
+        write_predictions(out / f"predictions_{stage}.csv", predictions, list(module.class_names), keys)
+
+    def _write_html(self, trainer: L.Trainer, out: Path, dm: Any) -> None:
+        """``report.html``; any failure is one warning line (the run's other files are already written)."""
+        try:
+            for logger in trainer.loggers:  # metrics.csv complete up to now (CSVLogger flushes in batches)
+                logger.save()
+            from ..reports.gallery import resolve_item
+            from ..reports.html import build_report
+
+            by_path = resolve_item()
+            split = "val" if (out / "predictions_val.csv").is_file() else "test"  # the gallery's split
+            ds = getattr(dm, f"{split}_set", None) if dm is not None else None
+
+            def load(row: dict) -> Any:  # the run's own images (arrays too), else found by path
+                i = int(row["index"])
+                if ds is not None and hasattr(ds, "load") and 0 <= i < len(ds) and (
+                        not row["path"] or ds.samples.describe(i) == row["path"]):
+                    return ds.load(i)
+                return by_path(row)
+
+            self.report_path = build_report(out, load=load, gallery_cap=self.gallery_cap)
+            if self.verbose:
+                print(f"visiontune report: {self.report_path}")
+        except Exception as exc:  # the report must never lose the run
+            print(f"visiontune: warning: report.html not written ({type(exc).__name__}: {exc})")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        # the optimizer has stepped, the scheduler not yet: the LR of the step just taken, logged at that step
+        # (global_step - 1), on the steps where Lightning logs the training metrics
+        done = trainer.global_step
+        if not trainer.loggers or not trainer.optimizers or done < 1 or done % max(1, trainer.log_every_n_steps):
+            return
+        lr = max(float(g["lr"]) for opt in trainer.optimizers for g in opt.param_groups)
+        for logger in trainer.loggers:
+            logger.log_metrics({"lr": lr}, step=done - 1)
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
 
@@ -133,6 +173,11 @@ class RunReport(Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._write(trainer, pl_module, "fit")
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._html_due is not None:
+            (out, dm), self._html_due = self._html_due, None
+            self._write_html(trainer, out, dm)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "validate":
