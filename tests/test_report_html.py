@@ -181,3 +181,29 @@ def test_headless_chromium_renders_the_report(run, tmp_path):
     pixels = _png_pixels(shot.read_bytes())
     assert pixels.shape[:2] == (2000, 1200)
     assert pixels.std() > 20 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 50  # not blank, not one colour
+
+
+def test_compare_writes_a_leaderboard_page_linking_each_run_report(tmp_path, monkeypatch):
+    import visiontune.comparison.api as cmp
+
+    def fake_run(spec, seed, settings, run_dir):  # a finished run: its report and delta in its run directory
+        run_dir.mkdir(parents=True)
+        (run_dir / "report.html").write_text("<html></html>")
+        (run_dir / "delta.safetensors").write_bytes(b"x" * 2048)
+        acc = {"linear": 0.5, "bitfit": 0.75}[spec.label]
+        return {"label": spec.label, "seed": seed, "split": "val", "accuracy": acc, "macro_f1": acc - 0.1,
+                "trainable_params": {"linear": 1539, "bitfit": 9000}[spec.label], "trainable_fraction": 0.01,
+                "delta_bytes": 2048, "peak_mem_mb": 10.0, "train_seconds": 1.0, "latency_ms": 2.0, "epochs": 1,
+                "delta": str(run_dir / "delta.safetensors")}
+
+    monkeypatch.setattr(cmp, "run_one", fake_run)
+    data = {"train": (np.zeros((12, 8, 8, 3), np.uint8), np.arange(12) % 3), "image_size": 32, "num_workers": 0}
+    result = cmp.compare(data, ["linear", "bitfit"], output=tmp_path / "cmp", backbone="resnet18", weights=None,
+                         max_epochs=1, verbose=False)
+    html = (tmp_path / "cmp" / "leaderboard.html").read_text()
+    table = re.search(r'<table id="leaderboard-table">.*?</table>', html, re.S).group(0)
+    assert re.findall(r'<a href="([^"]+)">([^<]+)</a>', table) == [
+        ("runs/bitfit/seed0/report.html", "bitfit"), ("runs/linear/seed0/report.html", "linear")]  # best first
+    assert [r["strategy"] for r in result.rows] == ["bitfit", "linear"]
+    assert 'alt="accuracy vs trainable parameters" src="data:image/png;base64,' in html
+    assert "http://" not in html and "https://" not in html

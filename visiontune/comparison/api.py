@@ -15,9 +15,11 @@ options) is trained on the same backbone, the same seeded split and batch order,
   one, else validation), macro-F1, trainable parameters, delta size on disk, peak memory, train time and
   inference latency (batch 1, ms per image, in the exported form: LoRA merged), best first;
 * ``leaderboard.png``: accuracy vs. trainable parameters (log x); marker area ∝ train time;
+* ``leaderboard.html``: one self-contained page: the settings, the leaderboard (sortable, each strategy linked to
+  its best run's ``report.html``), that plot and the failed runs;
 * ``results/<strategy>__seed<k>.json``: one result per run, written atomically. An interrupted comparison
   continues where it stopped: runs whose result exists (same settings) are not redone;
-* ``runs/<strategy>/seed<k>/``: each run's report (metrics.json, confusion matrix) and its
+* ``runs/<strategy>/seed<k>/``: each run's report (metrics.json, confusion matrix, report.html) and its
   ``delta.safetensors`` (only what the strategy changed), so the winner can be used directly
   (``visiontune.delta.build_from_delta``); ``winner.json`` names it.
 
@@ -50,6 +52,7 @@ from .report import (
     plain_settings,
     plot_leaderboard,
     print_leaderboard,
+    write_leaderboard_html,
 )
 from .run import RESULT_FORMAT, StrategySpec, fingerprint, run_one
 
@@ -311,7 +314,7 @@ def _run_all(specs: Sequence[StrategySpec], seeds: Sequence[int], settings: Mapp
 def _write_leaderboard(specs: Sequence[StrategySpec], seeds: Sequence[int], settings: Mapping[str, Any], out: Path,
                        results: list[dict[str, Any]], failures: list[dict[str, Any]], ran: int, reused: int, *,
                        verbose: bool) -> Comparison:
-    """``leaderboard.md`` / ``.csv`` / ``.png`` and ``winner.json`` / ``.yaml`` under ``out``; the Comparison."""
+    """``leaderboard.md`` / ``.csv`` / ``.png`` / ``.html`` and ``winner.json`` / ``.yaml`` under ``out``; the Comparison."""
     from ..io import atomic_write, atomic_write_json
 
     rows = leaderboard(results)
@@ -319,6 +322,7 @@ def _write_leaderboard(specs: Sequence[StrategySpec], seeds: Sequence[int], sett
     md = atomic_write(out / "leaderboard.md", leaderboard_markdown(rows, settings, failures))
     csv_path = atomic_write(out / "leaderboard.csv", leaderboard_csv(rows))
     plot = plot_leaderboard(rows, out / "leaderboard.png", title) if rows else None
+    page = write_leaderboard_html(rows, settings, failures, title, out)
     if rows:
         atomic_write_json(out / "winner.json", {k: rows[0][k] for k in ("strategy", "accuracy_mean", "split",
                                                                           "trainable_params", "delta")})
@@ -326,7 +330,7 @@ def _write_leaderboard(specs: Sequence[StrategySpec], seeds: Sequence[int], sett
         atomic_write(out / "winner.yaml", winner_fit_config(winner, settings, rows[0]))
     if verbose:
         print_leaderboard(rows, title)
-        print(f"visiontune compare: {md}, {csv_path}" + (f", {plot}" if plot else ""))
+        print(f"visiontune compare: {md}, {csv_path}" + (f", {plot}" if plot else "") + f", {page}")
         if failures:
             print(f"visiontune compare: {len(failures)} run(s) failed; run the same command again to retry them")
     return Comparison(rows, results, failures, out, md, csv_path, plot, ran, reused)

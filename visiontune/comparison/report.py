@@ -1,4 +1,5 @@
-"""Leaderboard of a comparison (:mod:`visiontune.comparison.api`): aggregation, Markdown, CSV, plot, rich table."""
+"""Leaderboard of a comparison (:mod:`visiontune.comparison.api`): aggregation, Markdown, CSV, plot, HTML page,
+rich table."""
 
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["CSV_COLUMNS", "leaderboard", "leaderboard_csv", "leaderboard_markdown", "plain_settings",
-           "plot_leaderboard", "print_leaderboard"]
+__all__ = ["CSV_COLUMNS", "leaderboard", "leaderboard_csv", "leaderboard_html", "leaderboard_markdown",
+           "plain_settings", "plot_leaderboard", "print_leaderboard", "write_leaderboard_html"]
 
 CSV_COLUMNS = ("rank", "strategy", "accuracy_mean", "accuracy_std", "macro_f1_mean", "macro_f1_std",
                "trainable_params", "trainable_pct", "delta_mb", "peak_mem_mb", "train_seconds", "latency_ms",
@@ -154,15 +155,11 @@ def leaderboard_csv(rows: Sequence[Mapping[str, Any]]) -> str:
     return buf.getvalue()
 
 
-def plot_leaderboard(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
-    """Save ``leaderboard.png`` (accuracy vs. trainable parameters, log x; marker area ∝ train time) to ``path``."""
-    import matplotlib
+def _leaderboard_figure(rows: Sequence[Mapping[str, Any]], title: str) -> Any:
+    """Accuracy vs. trainable parameters (log x; marker area ∝ train time; thick edge = best)."""
+    from ..reports.plots import pyplot
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    from ..io import atomic_save_figure
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     ok = [r for r in rows if not math.isnan(r["accuracy_mean"])]
     longest = max([r["train_seconds"] for r in ok] + [1e-9])
@@ -183,10 +180,84 @@ def plot_leaderboard(rows: Sequence[Mapping[str, Any]], path: Path, title: str) 
     ax.text(0.01, 0.01, "marker area ∝ train time; thick edge = best", transform=ax.transAxes, fontsize=8,
             color="dimgrey")
     fig.tight_layout()
+    return fig
+
+
+def plot_leaderboard(rows: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """Save ``leaderboard.png`` (accuracy vs. trainable parameters, log x; marker area ∝ train time) to ``path``."""
+    from ..io import atomic_save_figure
+    from ..reports.plots import pyplot
+
+    fig = _leaderboard_figure(rows, title)
     try:
         return atomic_save_figure(fig, path, dpi=110)
     finally:
-        plt.close(fig)
+        pyplot().close(fig)
+
+
+def leaderboard_html(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
+                     failures: Sequence[Mapping[str, Any]], title: str, output: Path) -> str:
+    """``leaderboard.html``: one self-contained page (no network) with the settings, the leaderboard as a table
+    sortable by clicking a header (each strategy linked to its best run's ``report.html``), the accuracy-vs-
+    trainable-parameters plot and the failed runs.
+
+    Args:
+        rows: :func:`leaderboard` rows.
+        settings: the comparison's settings (backbone, weights, data, budget, seeds).
+        failures: ``{"label", "seed", "error"}`` of the runs that raised.
+        title: the plot's title.
+        output: the comparison's folder (run reports are linked relative to it).
+
+    Example:
+        >>> page = leaderboard_html([], {"backbone": "resnet18", "weights": None, "data": {}, "max_epochs": 1,
+        ...                          "max_time": None, "seeds": [0]}, [], "t", Path("out"))
+        >>> "<table" in page and "https://" not in page
+        True
+    """
+    from ..reports.page import esc, img, page, table
+    from ..reports.plots import figure_png
+
+    header, body = _display_rows(rows)
+    links = []
+    for r in rows:
+        report = Path(str(r["delta"])).parent / "report.html"  # the best seed's run directory holds both
+        try:
+            rel = report.resolve().relative_to(Path(output).resolve())
+        except ValueError:
+            rel = None
+        links.append(f'<a href="{esc(rel.as_posix())}">{esc(r["strategy"])}</a>' if rel and report.is_file()
+                     else esc(r["strategy"]))
+    cells = [[(row[0], r["rank"]), link, (row[2], r["accuracy_mean"]), (row[3], r["macro_f1_mean"]),
+              (row[4], r["trainable_params"]), (row[5], r["delta_mb"]), (row[6], r["peak_mem_mb"]),
+              (row[7], r["train_seconds"]), (row[8], r["latency_ms"])] for row, r, link in zip(body, rows, links)]
+    budget = ", ".join(b for b in [f"{settings['max_epochs']} epochs" if settings["max_epochs"] not in (None, -1)
+                                   else "", f"{settings['max_time']} s per run" if settings["max_time"] else ""] if b)
+    facts = [["backbone", f"{settings['backbone']} (weights: {settings['weights']})"],
+             ["data", json.dumps(plain_settings(settings["data"], False))],
+             ["budget", budget or "—"], ["seeds", ", ".join(map(str, settings["seeds"]))]]
+    sections = [
+        f'<section id="settings"><h2>Settings</h2>{table(["", ""], facts, sortable=False)}</section>',
+        f'<section id="leaderboard"><h2>Leaderboard</h2><p class="muted">Click a column header to sort; a '
+        f"strategy links to the report of its best run. Accuracy and macro-F1: mean ± std over seeds.</p>"
+        f"{table(header, cells, numeric=(0, 2, 3, 4, 5, 6, 7, 8), raw=(1,), table_id='leaderboard-table')}</section>",
+    ]
+    if rows:
+        plot = img(figure_png(_leaderboard_figure(rows, title), dpi=110), "accuracy vs trainable parameters")
+        sections.append(f'<section id="plot"><h2>Accuracy vs. trainable parameters</h2>{plot}<p class="muted">'
+                        "Up and to the left is better: as accurate with fewer trained parameters.</p></section>")
+    if failures:
+        items = "".join(f"<li>{esc(f['label'])} seed {esc(f['seed'])}: {esc(f['error'])}</li>" for f in failures)
+        sections.append(f'<section id="failures"><h2>Failed runs (rerun the comparison to retry them)</h2>'
+                        f"<ul>{items}</ul></section>")
+    return page("visiontune strategy comparison", title, sections)
+
+
+def write_leaderboard_html(rows: Sequence[Mapping[str, Any]], settings: Mapping[str, Any],
+                           failures: Sequence[Mapping[str, Any]], title: str, output: Path) -> Path:
+    """Write ``output/leaderboard.html`` (:func:`leaderboard_html`) atomically; returns its path."""
+    from ..io import atomic_write
+
+    return atomic_write(Path(output) / "leaderboard.html", leaderboard_html(rows, settings, failures, title, output))
 
 
 def print_leaderboard(rows: Sequence[Mapping[str, Any]], title: str) -> None:
