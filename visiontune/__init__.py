@@ -60,6 +60,9 @@ _EXPORTS: dict[str, str] = {
     # errors: the user-error family the command reports as one line, exit code 2
     "UserError": "errors", "ConfigError": "errors", "CheckpointError": "errors",
     "apply_bn_policy": "training.bn", "frozen_feature_baseline": "baseline", "BaselineResult": "baseline",
+    # export for deployment (ONNX, TorchScript)
+    "export_model": "deploy.export", "ExportResult": "deploy.export", "ExportError": "deploy.formats",
+    "read_export_metadata": "deploy.formats",
     "build_report": "reports.html",
 }
 

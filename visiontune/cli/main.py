@@ -24,6 +24,7 @@ Tool = Callable[[Sequence[str]], int]
 TOOLS: dict[str, Union[str, Tool]] = {
     "check-data": "visiontune.data.checks:main",
     "compare": "visiontune.comparison.api:compare_main",
+    "export": "visiontune.deploy.export:export_main",
     "lr-find": "visiontune.schedule.tuning:lr_find_main",
     "report": "visiontune.reports.cli:report_main",
     "schedule": "visiontune.schedule.tuning:schedule_main",
