@@ -126,6 +126,29 @@ with torch.no_grad():
 for name, ts in times.items():
     print(f"{name:14s} {1000 * sorted(ts)[len(ts) // 2]:.2f} ms per batch of {len(x)}")
 # torch.onnx.export(merged, x[:1], "digits.onnx")  # with the onnx package installed"""),
+    ("md", """## SSF and DoRA: merge them too
+
+`ssf` learns a per-channel scale and shift after every layer; `dora` splits each LoRA target into a
+direction (LoRA's low-rank delta, normalised per output channel) and a trained magnitude. Both merge into
+plain weights (`vt.merge`: SSF folds its scale and shift into the layer, DoRA writes
+`magnitude * direction`), so a merged model computes the same logits with no extra layers. A few steps
+each: the point is the merge and the delta size, not the accuracy."""),
+    ("code", """import copy
+
+sizes = {"lora": os.path.getsize("digits_lora.safetensors")}
+for name, lr in [("ssf", 5e-3), ("dora", 3e-3)]:
+    m = vt.TransferClassifier("tf_efficientnet_lite0", weights="package", strategy=name, bn="eval", lr=lr)
+    acc = fit(m, digits, steps=15)
+    net = m.net.eval()
+    flat = copy.deepcopy(net)
+    layers = vt.merge(flat)
+    with torch.no_grad():
+        gap = (flat(x) - net(x)).abs().max().item()
+    sizes[name] = save_delta(m, f"digits_{name}.safetensors").stat().st_size
+    print(f"{name:4s} val_acc {acc:.3f} after 15 steps; merged {layers} layers, max logit difference {gap:.1e}")
+    torch.testing.assert_close(flat(x), net(x), atol=1e-4, rtol=1e-4)
+for name, size in sizes.items():
+    print(f"{name:4s} task delta {size / 1e3:7.0f} KB")"""),
 ]
 
 

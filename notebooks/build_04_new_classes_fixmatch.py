@@ -131,6 +131,21 @@ fair = vt.new_accuracy_at(logits, labels, old_classes=8, acc_old=min(fixmatch["v
 print("labeled only, at FixMatch's old-class accuracy:", {k: round(v, 3) for k, v in fair.items()})
 print("FixMatch:                                      ", {"acc_old": fixmatch["val_acc_old"],
                                                           "acc_new": fixmatch["val_acc_new"]})"""),
+    new_markdown_cell("""## FreeMatch or SoftMatch instead of FixMatch
+FixMatch keeps a pseudo-label when its confidence passes one fixed threshold (0.95). One key,
+`semi_supervised.algorithm`, switches to **FreeMatch** (a threshold that follows the model's own average
+confidence, lowered per class for classes it predicts less, plus a fairness loss) or **SoftMatch** (no cut:
+every pseudo-label is weighted by a Gaussian of its confidence around the running mean, so unsure photos count
+a little instead of not at all). Their running statistics move with `state_momentum` (the papers' 0.999 is for
+runs of a million steps; 0.9 suits these 60) and are saved in the checkpoint, so a resumed run continues them.
+Everything else (anchoring, replay, distillation) stays as it is."""),
+    new_code_cell("""soft_model, _, softmatch, soft_logs = add_species(
+    {"mu": 3, "algorithm": "softmatch", "state_momentum": 0.9})
+state = soft_model._fixmatch.weighting
+print("FixMatch: ", fixmatch)
+print("SoftMatch:", softmatch)
+print(f"SoftMatch's running mean confidence {float(state.mu):.3f}, variance {float(state.var):.4f}; "
+      f"mean weight of the last unlabeled batch {soft_logs['train_mask_rate']}")"""),
     new_markdown_cell("""Adding classes costs an extra forward and backward for the replayed photos (about half the unlabeled
 batch here). `ClassExpansionConfig(replay=False)` turns it off; measured on this data, old-class accuracy
 then falls by about 23 points instead of staying level, and training is 1.16x faster (`BENCHMARKS.md`).
