@@ -64,6 +64,11 @@ _EXPORTS: dict[str, str] = {
     "export_model": "deploy.export", "ExportResult": "deploy.export", "ExportError": "deploy.formats",
     "read_export_metadata": "deploy.formats",
     "build_report": "reports.html",
+    # active learning: which photos to label next
+    "suggest": "active.suggest", "SuggestResult": "active.suggest", "SuggestError": "active.suggest",
+    "novelty_scores": "active.novelty", "class_prototypes": "active.novelty",
+    "cluster_novel": "active.novelty", "k_center_greedy": "active.uncertain",
+    "uncertainty_scores": "active.uncertain", "select_uncertain": "active.uncertain",
 }
 
 

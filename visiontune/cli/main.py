@@ -29,6 +29,7 @@ TOOLS: dict[str, Union[str, Tool]] = {
     "report": "visiontune.reports.cli:report_main",
     "schedule": "visiontune.schedule.tuning:schedule_main",
     "strategies": "visiontune.cli.strategies:strategies_main",
+    "suggest": "visiontune.active.suggest:suggest_main",
 }
 # Tools' names are spelled with dashes (``check-data``, ``lr-find``). An old spelling still runs its tool, after one
 # deprecation line on stderr.
