@@ -79,6 +79,12 @@ def tiny_model(kind: str, num_classes: int = 5) -> torch.nn.Module:
     return copy.deepcopy(tiny_base(kind, num_classes))
 
 
+def assert_same_logits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Logits of two builds of one network agree: to 1e-5 relative (channels-last and contiguous convolutions
+    differ in the last bits; a wrong weight, head row or merge moves logits by far more)."""
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 @torch.no_grad()
 def perturb_delta(net: torch.nn.Module, seed: int, *, stats: bool = True, var: bool = False) -> None:
     """Move every tensor a task delta holds, as training would (sparse: inside the masks only).

@@ -316,7 +316,8 @@ def test_every_cli_tool_resolves_without_lightning():
             "assert all(callable(c.load_tool(n)) for n in c.TOOLS)\n"
             "print(sorted(c.TOOLS), 'lightning' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
-    assert out.stdout.strip() == "['check-data', 'compare', 'lr-find', 'schedule', 'strategies'] False"
+    assert out.stdout.strip() == ("['check-data', 'compare', 'export', 'lr-find', 'report', 'schedule', 'strategies', "
+                                  "'suggest'] False")
 
 
 # ------------------------------------------------------------------------------------------ size report

@@ -141,7 +141,8 @@ def test_channels_last_option_same_function():
     torch.manual_seed(0)
     fast = TransferClassifier("tf_efficientnet_lite0", weights=None, num_classes=3, strategy="lora",
                               channels_last=True)
-    plain = TransferClassifier("tf_efficientnet_lite0", weights=None, num_classes=3, strategy="lora")
+    plain = TransferClassifier("tf_efficientnet_lite0", weights=None, num_classes=3, strategy="lora",
+                               channels_last=False)
     plain.load_state_dict(fast.state_dict())
     assert fast.net.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
     assert plain.net.conv_stem.weight.is_contiguous()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import importlib
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Union
 
 import timm
 import torch
@@ -24,6 +24,7 @@ from ..errors import ConfigError
 from .heads import cfg_classifier_names, find_head
 
 __all__ = [
+    "wants_channels_last",
     "BackboneError",
     "WEIGHT_PACKAGES",
     "create_backbone",
@@ -252,3 +253,28 @@ def remap_lukemelas(raw: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     if unknown:
         raise BackboneError(f"Unrecognised keys in package weights: {unknown[:8]}")
     return out
+
+
+def wants_channels_last(net: nn.Module, setting: Union[bool, str] = "auto") -> bool:
+    """Whether ``net`` should run in channels-last (NHWC) memory format: ``setting`` if it is a bool; for
+    ``"auto"``, whether at least half of its parameters are 4-D convolution weights (a convolutional network;
+    a ViT's patch embedding alone is ~1 %). NHWC convolutions measured 1.5-1.7x faster CPU training steps on
+    EfficientNet-Lite0 (``benchmarks/cpu_opts.py``).
+
+    Example:
+        >>> import timm
+        >>> wants_channels_last(timm.create_model("resnet18", num_classes=2))
+        True
+        >>> wants_channels_last(timm.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32))
+        False
+    """
+    if isinstance(setting, bool):
+        return setting
+    if setting != "auto":
+        raise ValueError(f"model.channels_last must be true, false or 'auto', got {setting!r}")
+    conv = total = 0
+    for p in net.parameters():
+        total += p.numel()
+        conv += p.numel() if p.dim() == 4 else 0
+    return total > 0 and conv >= total / 2
+

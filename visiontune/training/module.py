@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import ConfigError
-from ..models.backbones import BackboneError, create_backbone, data_config
+from ..models.backbones import BackboneError, create_backbone, data_config, wants_channels_last
 from ..models.heads import find_head
 from ..objectives.classes import ClassExpansionConfig
 from ..objectives.expansion import ClassExpansion, as_expansion_config
@@ -79,6 +79,9 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
             ``True`` = in memory; a directory = also on disk, reused across runs.
         channels_last: keep the network's 4-D weights in channels-last (NHWC) memory format; convolutions
             then run NHWC (measured 1.5× faster CPU training steps on EfficientNet-Lite0, see BENCHMARKS.md).
+            ``"auto"`` (default): on for convolutional networks (at least half of the parameters in 4-D
+            convolution weights: ResNet, EfficientNet, ConvNeXt, ...), off for transformers, whose only
+            convolution is the patch embedding.
         ema: decay of an exponential moving average of the weights (e.g. ``0.999``, with a warm-up so short
             runs are not dominated by the initial weights; :mod:`visiontune.training.ema`); the average evaluates
             and is what deltas save (:meth:`evaluated_net`). ``None`` = off. With FixMatch use
@@ -115,7 +118,7 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         drop_path_rate: Optional[float] = None,
         backbone_args: Optional[dict[str, Any]] = None,
         cache_features: Union[bool, str] = False,
-        channels_last: bool = False,
+        channels_last: Union[bool, Literal["auto"]] = "auto",
         ema: Optional[float] = None,
         semi_supervised: Optional[FixMatchConfig] = None,
         init_from: Optional[str] = None,
@@ -167,7 +170,7 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         if prepare is not None:  # before the strategy: e.g. load old weights and add classes (expansion)
             num_classes = prepare(net)
         self.strategy_config = apply_strategy(net, self.strategy_config)
-        if h.get("channels_last"):
+        if wants_channels_last(net, h.get("channels_last", False)):
             net = net.to(memory_format=torch.channels_last)  # inputs follow: conv outputs take the weight's format
         self.net = net
         self.num_classes = num_classes
