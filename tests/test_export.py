@@ -177,9 +177,9 @@ def test_cli_exports_a_fitted_checkpoint_and_its_delta(tmp_path, capsys, monkeyp
                  "--latency_runs=2"]) == 0
     assert "a synthetic input only" in capsys.readouterr().out
     assert np.abs(_run(ts, "torchscript", x) - want).max() <= 1e-4
-    extra = {"visiontune.json": ""}
+    extra = {"metadata.json": ""}
     torch.jit.load(str(ts), _extra_files=extra)
-    assert b'"class_names": ["blue", "green", "red"]' in extra["visiontune.json"]
+    assert b'"class_names": ["blue", "green", "red"]' in extra["metadata.json"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -209,7 +209,7 @@ def test_torchscript_bytes_round_trip_keeps_metadata():
     from visiontune.deploy.formats import runner, torchscript_bytes
 
     data = torchscript_bytes(torch.nn.Linear(4, 2).eval(), torch.zeros(2, 4), {"class_names": ["a", "b"]})
-    extra = {"visiontune.json": ""}
+    extra = {"metadata.json": ""}
     torch.jit.load(io.BytesIO(data), _extra_files=extra)
-    assert extra["visiontune.json"] == b'{"class_names": ["a", "b"]}'
+    assert extra["metadata.json"] == b'{"class_names": ["a", "b"]}'
     assert runner("torchscript", data)(np.ones((5, 4), dtype=np.float32)).shape == (5, 2)

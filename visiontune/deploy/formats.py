@@ -3,7 +3,7 @@ the metadata read back from a file.
 
 * ONNX: ``torch.onnx.export`` (the torch.export-based exporter by default, ``exporter="legacy"`` for the
   TorchScript-based one), input ``input``, output ``logits``, dynamic batch; the metadata in ``metadata_props``.
-* TorchScript: ``torch.jit.trace`` then ``torch.jit.freeze``; the metadata as ``visiontune.json`` in
+* TorchScript: ``torch.jit.trace`` then ``torch.jit.freeze``; the metadata as ``metadata.json`` in
   ``_extra_files``. (TorchScript is deprecated in PyTorch 2.14; ONNX is the format to prefer.)
 
 Example:
@@ -37,7 +37,7 @@ __all__ = ["EXPORTERS", "FORMATS", "ExportError", "ExportFailedError", "SUFFIXES
 FORMATS = ("onnx", "torchscript")
 EXPORTERS = ("dynamo", "legacy")
 SUFFIXES = {"onnx": ".onnx", "torchscript": ".torchscript.pt"}
-EXTRA_FILE = "visiontune.json"  # TorchScript: the metadata, as one JSON file inside the archive
+EXTRA_FILE = "metadata.json"  # TorchScript: the metadata, as one JSON file inside the archive
 _ONNX_LIMIT = 2 * 1024**3  # protobuf's limit on one serialised model (larger ones need external data files)
 
 
@@ -103,7 +103,7 @@ def onnx_bytes(net: nn.Module, example: torch.Tensor, meta: dict[str, Any], expo
 
 
 def torchscript_bytes(net: nn.Module, example: torch.Tensor, meta: dict[str, Any]) -> bytes:
-    """``net`` traced and frozen as a TorchScript archive, ``meta`` as ``visiontune.json`` in its extra files."""
+    """``net`` traced and frozen as a TorchScript archive, ``meta`` as ``metadata.json`` in its extra files."""
     try:
         with _quiet_jit(), torch.no_grad():
             # the tracer's notes about Python values of shapes (timm's input-size asserts) are checked by running
@@ -153,7 +153,7 @@ def runner(fmt: str, data: bytes, threads: int | None = None) -> Callable[[np.nd
 def read_export_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata an exported file records (mean, std, input_size, interpolation, class_names, input_format,
     backbone, strategy, merged, visiontune_version), from an ``.onnx`` file's ``metadata_props`` or a TorchScript
-    archive's ``visiontune.json``.
+    archive's ``metadata.json``.
 
     Example:
         >>> read_export_metadata("model.onnx")["class_names"]  # doctest: +SKIP
