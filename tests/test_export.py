@@ -213,3 +213,10 @@ def test_torchscript_bytes_round_trip_keeps_metadata():
     torch.jit.load(io.BytesIO(data), _extra_files=extra)
     assert extra["metadata.json"] == b'{"class_names": ["a", "b"]}'
     assert runner("torchscript", data)(np.ones((5, 4), dtype=np.float32)).shape == (5, 2)
+
+
+def test_an_input_size_the_model_does_not_take_is_a_user_error_naming_the_option(tmp_path):
+    with pytest.raises(ExportError, match=r"^the model does not run on 48x48 px inputs \(--data.image_size, or the "
+                                          r"config's data.image_size\): Input height \(48\) doesn't match model"):
+        export_model(_vit("full"), tmp_path / "m.pt", "torchscript", image_size=48)
+    assert not list(tmp_path.iterdir())
