@@ -38,7 +38,7 @@ from ..errors import UserError
 from .imprint import calibrate_new_rows, imprint_weights
 
 __all__ = ["ClassifierHead", "HeadError", "calibrate_new_rows", "cfg_classifier_names", "expand_classes",
-           "expand_head", "find_head", "imprint_weights", "set_module"]
+           "expand_head", "find_head", "imprint_weights", "output_inputs", "set_module"]
 
 
 class HeadError(UserError, ValueError):
@@ -235,7 +235,7 @@ def expand_head(
 
 
 @torch.no_grad()
-def _output_inputs(model: nn.Module, head: ClassifierHead, images: Tensor,
+def output_inputs(model: nn.Module, head: ClassifierHead, images: Tensor,
                    batch_size: int) -> tuple[list[Tensor], Tensor]:
     """What each output layer reads (``(N, D)`` per layer) and the model's logits, on ``images`` in eval mode
     (the model's train/eval mode is restored). One forward serves every output (DeiT: the class and the
@@ -287,11 +287,11 @@ def _new_rows(model: nn.Module, head: ClassifierHead, old: list[str], new: list[
                  None if layer.bias is None else layer.bias.detach().mean().expand(len(new)).clone())
                 for layer in layers]
     images, labels = _checked_support(support, old, new)
-    feats, _ = _output_inputs(model, head, images, batch_size)
+    feats, _ = output_inputs(model, head, images, batch_size)
     rows = [imprint_weights(f, labels, len(new), reference_head=layer) for f, layer in zip(feats, layers)]
     if anchors is None or not len(anchors):
         return rows
-    anchor_feats, logits = _output_inputs(model, head, anchors, batch_size)
+    anchor_feats, logits = output_inputs(model, head, anchors, batch_size)
     conf, pred = logits.float().softmax(1).max(1)
     keep = conf >= anchor_threshold
     if not keep.any():

@@ -40,6 +40,7 @@ from .checkpoint import (
     weights_from_checkpoint,
 )
 from .ema import WeightEMA
+from .fit_start import prepare_fit
 from .evaluation import EvaluationSteps, make_metrics
 from .optim import lr_schedule, param_groups
 from .options import check_data_classes, check_model_options, check_option, is_number
@@ -92,6 +93,11 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
             know are added to it (:mod:`visiontune.objectives.expansion`).
         class_expansion: how old classes are kept while adding new ones (:class:`visiontune.ClassExpansionConfig`
             or a dict: ``distill``, ``temperature``, ``freeze_old_rows``); needs ``init_from``.
+        head_init: ``"probe"``: at the start of ``fit`` the head is set to a logistic regression on the frozen
+            features of the training images, then everything fine-tunes (LP-FT; :mod:`visiontune.training.head_init`;
+            not on resume, ``init_from`` or adding classes). ``"random"``: timm's initialisation.
+        tta: ``"hflip"``: evaluation and prediction average the logits of each image and its mirror image (twice
+            the evaluation cost); ``"none"``: one forward. Exported models hold the plain network.
 
     Example:
         >>> model = TransferClassifier("tf_efficientnet_lite0", weights="package", num_classes=10,
@@ -123,6 +129,8 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         semi_supervised: Optional[FixMatchConfig] = None,
         init_from: Optional[str] = None,
         class_expansion: Optional[ClassExpansionConfig] = None,
+        head_init: Literal["random", "probe"] = "random",
+        tta: Literal["none", "hflip"] = "none",
     ) -> None:
         super().__init__()
         if not isinstance(backbone, str) or not timm.is_model(backbone):
@@ -135,7 +143,8 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         class_names = check_model_options(
             strategy=strategy_name(self.strategy_config), num_classes=num_classes, class_names=class_names, lr=lr,
             weight_decay=weight_decay, warmup_steps=warmup_steps, scheduler=scheduler,
-            label_smoothing=label_smoothing, layer_decay=layer_decay, bn=bn, cache_features=cache_features)
+            label_smoothing=label_smoothing, layer_decay=layer_decay, bn=bn, cache_features=cache_features,
+            head_init=head_init, tta=tta)
         fixmatch_cfg, expansion_cfg = as_fixmatch_config(semi_supervised), as_expansion_config(class_expansion)
         check_option(expansion_cfg is None or init_from is not None, "model.class_expansion",
                      "needs model.init_from (the checkpoint of the model to add classes to)")
@@ -232,12 +241,14 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.features_input:
             return self.net.forward_head(x)
-        if not self.training:
-            net = self.evaluated_net()
-            if net is not self.net:  # an EMA of the weights evaluates: no graph through it
-                with torch.no_grad():
-                    return net(x)
-        return self.net(x)
+        if self.training:
+            return self.net(x)
+        net = self.evaluated_net()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and net is self.net):  # no graph through an EMA
+            logits = net(x)
+            if self.hparams.get("tta", "none") == "hflip":
+                logits = (logits + net(x.flip(3))) / 2
+        return logits
 
     def evaluated_net(self, checkpoint: Optional[Mapping[str, Any]] = None) -> nn.Module:
         """The network that evaluates: eval-mode ``forward`` (validation, test, predict, and so the best
@@ -342,29 +353,12 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         return [FeatureCache(self.hparams.cache_features)]
 
     def on_fit_start(self) -> None:
-        self._calibrate_sparse()
+        prepare_fit(self)  # sparse masks from gradients, the head from a linear probe (visiontune.training.fit_start)
         s = self.parameter_summary()
         if self.trainer.is_global_zero:
             print(f"visiontune: {self.hparams.backbone} strategy={s['strategy']} "
                   f"trainable {s['trainable_params']:,} / {s['total_params']:,} parameters "
                   f"({100 * s['trainable_fraction']:.2f}%)")
-
-    def _calibrate_sparse(self) -> None:
-        """``sparse`` with ``score="gradient"``: choose the masks from warm-up batches before training."""
-        if strategy_name(self.strategy_config) != "sparse":
-            return
-        from ..strategies.sparse import calibrate_sparse, sparse_needs_calibration
-
-        if not sparse_needs_calibration(self.net):  # magnitude masks, or restored from a checkpoint
-            return
-        loader = self.trainer.datamodule.train_dataloader() if self.trainer.datamodule else None
-        if isinstance(loader, dict):
-            loader = loader["labeled"]
-        if loader is None:
-            raise ConfigError("sparse with score='gradient' needs training data to choose its masks")
-        n = self.strategy_config.warmup_batches
-        batches = ((x.to(self.device), y.to(self.device)) for (x, y, *_), _ in zip(loader, range(n)))
-        calibrate_sparse(self.net, batches, self.loss, num_batches=n)
 
     def _checkpointed_helpers(self) -> dict[str, Any]:
         # FixMatch (EMA teacher, DA, FlexMatch), class expansion, weight EMA: plain tensors (weights_only loads)

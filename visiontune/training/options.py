@@ -70,6 +70,8 @@ def check_model_options(
     layer_decay: Any,
     bn: Any,
     cache_features: Any,
+    head_init: Any = "random",
+    tta: Any = "none",
 ) -> Optional[list[str]]:
     """Check :class:`~visiontune.TransferClassifier`'s plain options (``strategy``: the strategy's registered
     name); return ``class_names`` as strings (``None`` stays ``None``). The first problem raises a ``ConfigError``.
@@ -87,6 +89,8 @@ def check_model_options(
     check_option(scheduler in ("cosine", "constant"), "model.scheduler",
                  f"must be 'cosine' or 'constant', got {scheduler!r}")
     check_option(bn in ("frozen", "eval", "train"), "model.bn", f"must be 'frozen', 'eval' or 'train', got {bn!r}")
+    check_option(head_init in ("random", "probe"), "model.head_init", f"must be 'random' or 'probe', got {head_init!r}")
+    check_option(tta in ("none", "hflip"), "model.tta", f"must be 'none' or 'hflip', got {tta!r}")
     check_option(not cache_features or (strategy == "linear" and bn != "train"),
                  "model.cache_features", "needs strategy 'linear' and bn 'frozen' or 'eval' (a fixed backbone)")
     check_option(layer_decay is None or 0 < layer_decay <= 1, "model.layer_decay",
