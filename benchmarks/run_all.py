@@ -38,7 +38,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 NOT_BENCHMARKS = ("run_all", "photosets")  # photosets.py builds data, it measures nothing
-ORDER = ("accuracy", "new_classes", "suggest", "overhead", "peft", "schedule", "fixmatch", "cache",
+ORDER = ("accuracy", "new_classes", "suggest", "overhead", "peft", "schedule", "fixmatch", "cache", "data_path",
          "cpu_opts", "export", "report")
 RESULT_RE = re.compile(r"^RESULT\s+([A-Za-z0-9_.\-]+)\s+(\S+)\s+(\S+)(?:\s+(.*))?$")
 TARGET_RE = re.compile(r"^(<=|>=|<|>)(-?[0-9.]+(?:e-?[0-9]+)?)$")

@@ -33,7 +33,7 @@ _EXPORTS: dict[str, str] = {
     # data
     "ImageDataModule": "data", "ImageDataset": "data", "DataError": "data", "read_source": "data",
     "register_dataset": "data", "load_image": "data.images", "BadImageError": "data.images",
-    "check_images": "data.scan",
+    "check_images": "data.scan", "DecodedImages": "data.decoded", "probe_head": "training.head_init",
     # model, reports, cli
     "TransferClassifier": "training.module", "RunReport": "training.report",
     "PredictionCSVWriter": "training.report", "main": "cli",
