@@ -185,8 +185,9 @@ class FreeMatchThresholds:
         return freematch_mask(probs, self.tau, self.p_model)
 
     def grow(self, num_classes: int) -> None:
-        """Add classes: ``p~`` and ``h~`` keep summing to 1 (new classes at ``1/C'``, see the module), ``tau`` stays."""
-        self.p_model, self.label_hist = grown_distribution(self.p_model, num_classes), grown_distribution(self.label_hist, num_classes)
+        """Add classes: ``p~`` and ``h~`` keep summing to 1 (new classes at ``1/C'``), ``tau`` stays."""
+        self.p_model = grown_distribution(self.p_model, num_classes)
+        self.label_hist = grown_distribution(self.label_hist, num_classes)
         self.num_classes = num_classes
 
     def state_dict(self) -> dict[str, Any]:
@@ -239,7 +240,7 @@ class SoftMatchWeights:
         self.alignment = DistributionAlignment(num_classes, momentum=self.momentum)
 
     def align(self, probs: Tensor) -> Tensor:
-        """Uniform alignment: fold ``probs`` into the running mean, then return ``probs * (1/C) / mean``, renormalised."""
+        """Uniform alignment: fold ``probs`` into the running mean, return ``probs * (1/C) / mean`` renormalised."""
         self.alignment.update(probs)
         return self.alignment.align(probs)
 
