@@ -39,6 +39,7 @@ from .checkpoint import (
     weights_come_from_checkpoint,
     weights_from_checkpoint,
 )
+from .compile import apply_scale_options
 from .ema import WeightEMA
 from .fit_start import prepare_fit
 from .evaluation import EvaluationSteps, make_metrics
@@ -98,6 +99,10 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
             not on resume, ``init_from`` or adding classes). ``"random"``: timm's initialisation.
         tta: ``"hflip"``: evaluation and prediction average the logits of each image and its mirror image (twice
             the evaluation cost); ``"none"``: one forward. Exported models hold the plain network.
+        compile: ``torch.compile`` the backbone for training and evaluation, in place (parameter names, so
+            checkpoints and deltas, unchanged; :mod:`visiontune.training.compile`); not with ``sparse``.
+        grad_checkpointing: timm's ``set_grad_checkpointing(True)``: recompute block activations in the backward
+            pass (less activation memory for big models, more compute); a model without it is a ``ConfigError``.
 
     Example:
         >>> model = TransferClassifier("tf_efficientnet_lite0", weights="package", num_classes=10,
@@ -131,6 +136,8 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         class_expansion: Optional[ClassExpansionConfig] = None,
         head_init: Literal["random", "probe"] = "random",
         tta: Literal["none", "hflip"] = "none",
+        compile: bool = False,
+        grad_checkpointing: bool = False,
     ) -> None:
         super().__init__()
         if not isinstance(backbone, str) or not timm.is_model(backbone):
@@ -144,7 +151,7 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
             strategy=strategy_name(self.strategy_config), num_classes=num_classes, class_names=class_names, lr=lr,
             weight_decay=weight_decay, warmup_steps=warmup_steps, scheduler=scheduler,
             label_smoothing=label_smoothing, layer_decay=layer_decay, bn=bn, cache_features=cache_features,
-            head_init=head_init, tta=tta)
+            head_init=head_init, tta=tta, compile=compile, grad_checkpointing=grad_checkpointing)
         fixmatch_cfg, expansion_cfg = as_fixmatch_config(semi_supervised), as_expansion_config(class_expansion)
         check_option(expansion_cfg is None or init_from is not None, "model.class_expansion",
                      "needs model.init_from (the checkpoint of the model to add classes to)")
@@ -181,7 +188,8 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         self.strategy_config = apply_strategy(net, self.strategy_config)
         if wants_channels_last(net, h.get("channels_last", False)):
             net = net.to(memory_format=torch.channels_last)  # inputs follow: conv outputs take the weight's format
-        self.net = net
+        self.net = apply_scale_options(net, backbone=h.backbone, compile=h.get("compile", False),
+                                       grad_checkpointing=h.get("grad_checkpointing", False))
         self.num_classes = num_classes
         if self.class_names is None:
             self.class_names = [str(i) for i in range(num_classes)]

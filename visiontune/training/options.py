@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from typing import Any, Optional, Sequence, TypeVar
 
 from ..errors import ConfigError
+from .compile import check_scale_options
 
 __all__ = ["check_data_classes", "check_model_options", "check_option", "coerce_config", "is_number"]
 
@@ -72,6 +73,8 @@ def check_model_options(
     cache_features: Any,
     head_init: Any = "random",
     tta: Any = "none",
+    compile: Any = False,
+    grad_checkpointing: Any = False,
 ) -> Optional[list[str]]:
     """Check :class:`~visiontune.TransferClassifier`'s plain options (``strategy``: the strategy's registered
     name); return ``class_names`` as strings (``None`` stays ``None``). The first problem raises a ``ConfigError``.
@@ -93,6 +96,8 @@ def check_model_options(
     check_option(tta in ("none", "hflip"), "model.tta", f"must be 'none' or 'hflip', got {tta!r}")
     check_option(not cache_features or (strategy == "linear" and bn != "train"),
                  "model.cache_features", "needs strategy 'linear' and bn 'frozen' or 'eval' (a fixed backbone)")
+    check_scale_options(compile=compile, grad_checkpointing=grad_checkpointing, strategy=strategy,
+                        cache_features=cache_features)
     check_option(layer_decay is None or 0 < layer_decay <= 1, "model.layer_decay",
                  f"must be in (0, 1], got {layer_decay!r}")
     if class_names is not None:
