@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StrategyError
-from .quant import QuantizedBase, conv_is_supported, conv_like, is_same_pad
+from .quant import QuantizedBase, conv_is_supported, conv_like, is_same_pad, lora_linear
 
 __all__ = ["LORA_INITS", "LoRAConv2d", "LoRALayer", "LoRALinear", "LoRAQKVLinear"]
 
@@ -148,6 +148,12 @@ class LoRALayer(nn.Module):
         """The base layer's operation (linear or its convolution) with another weight and bias."""
         raise NotImplementedError
 
+    def _fused(self, x: Tensor) -> bool:
+        """Whether the forward may run as one fused node: no dropout in effect, no PiSSA residual, no
+        autocast and the factors' dtype (the fused ops do not cast)."""
+        return ((not self.training or not isinstance(self.lora_dropout, nn.Dropout)) and self.pissa_A0 is None
+                and not torch.is_autocast_enabled(x.device.type) and x.dtype == self.lora_A.dtype)
+
     def _frozen(self, x: Tensor) -> Tensor:
         """The frozen part of the output: the base layer (PiSSA: with the residual weight ``W − s·B0·A0``)."""
         if self.pissa_A0 is None or self.merged:
@@ -244,11 +250,14 @@ class LoRALinear(LoRALayer):
         self._reset(init)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._frozen(x)
         if self.merged:
-            return out
-        # Two thin matmuls; the frozen base gets no weight-gradient and B·A is never formed.
-        return out + F.linear(F.linear(self.lora_dropout(x), self.lora_A) * self.scaling, self.lora_B)
+            return self._frozen(x)
+        # Two thin matmuls, the scaling on the small factor B; B·A is never formed, the frozen weight gets no
+        # gradient; without dropout one fused node adds the delta into the base output in place.
+        b = self.lora_B * self.scaling
+        if self._fused(x):
+            return lora_linear(x, self.base_layer, self.lora_A, b)
+        return self._frozen(x) + F.linear(F.linear(self.lora_dropout(x), self.lora_A), b)
 
     def _delta(self, a: Tensor, b: Tensor) -> Tensor:
         return (b @ a) * self.scaling
@@ -324,15 +333,23 @@ class LoRAQKVLinear(LoRALayer):
         return F.linear(x, weight, bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self._frozen(x)
         if self.merged:
-            return out
-        h = F.linear(self.lora_dropout(x), self.lora_A) * self.scaling  # (..., parts·rank): one matmul for all
+            return self._frozen(x)
+        # One thin matmul for every part's x·Aᵀ and one into the whole output with a zero-padded, scaled B
+        # (rows of part i take columns of its rank block): no per-part slices, no concatenation.
+        b = self._padded_b()
+        if self._fused(x):
+            return lora_linear(x, self.base_layer, self.lora_A, b)
+        return self._frozen(x) + F.linear(F.linear(self.lora_dropout(x), self.lora_A), b)
+
+    def _padded_b(self) -> Tensor:
+        """``scaling · B`` as an ``(out_features, parts·rank)`` block matrix, zero outside each part's block."""
         r, d = self.rank, self.part_dim
-        deltas = {"qkv".index(c): F.linear(h[..., j * r : (j + 1) * r], self.lora_B[j * d : (j + 1) * d])
-                  for j, c in enumerate(self.parts)}
-        return torch.cat([out[..., i * d : (i + 1) * d] + deltas[i] if i in deltas else out[..., i * d : (i + 1) * d]
-                          for i in range(3)], dim=-1)
+        b = self.lora_B.new_zeros(3 * d, len(self.parts) * r)
+        for i, pa, pb in self._part_factors():
+            j = self.parts.index("qkv"[i])
+            b[i * d : (i + 1) * d, j * r : (j + 1) * r] = pb * self.scaling
+        return b
 
     def _delta(self, a: Tensor, b: Tensor) -> Tensor:
         d = self.part_dim
@@ -393,9 +410,9 @@ class LoRAConv2d(LoRALayer):
         base = self.base_layer
         if self.merged:
             return base(x)
-        if base.groups == 1:
-            h = conv_like(base, self.same_pad, self.lora_dropout(x), self.lora_A, None, 1) * self.scaling
-            return self._frozen(x) + F.conv2d(h, self.lora_B)
+        if base.groups == 1:  # scaling on the small factor B; the delta added into the frozen output in place
+            h = conv_like(base, self.same_pad, self.lora_dropout(x), self.lora_A, None, 1)
+            return self._frozen(x).add_(F.conv2d(h, self.lora_B * self.scaling))
         if self.training and isinstance(self.lora_dropout, nn.Dropout):
             delta = self._delta(self.lora_A, self.lora_B)
             return self._frozen(x) + conv_like(base, self.same_pad, self.lora_dropout(x), delta, None, base.groups)

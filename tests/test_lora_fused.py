@@ -1,0 +1,111 @@
+"""The fused LoRA training forward (one autograd node, delta added in place) against plain autograd ops,
+the zero-padded fused-qkv B, the one-pass dequantisation and the adapter's folded scale."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from visiontune.strategies.adapter import Adapter
+from visiontune.strategies.lora_layers import LoRAConv2d, LoRALinear, LoRAQKVLinear
+from visiontune.strategies.quant import QuantizedLinear, lora_linear
+
+
+def _reference(layer, x):
+    """The LoRA output from plain differentiable ops, per part for a fused qkv (no fused node, no padding)."""
+    w = layer._base_weight()
+    out = F.linear(x, w, layer.base_layer.bias)
+    if isinstance(layer, LoRAQKVLinear):
+        d = layer.part_dim
+        pieces = list(out.split(d, dim=-1))
+        for i, pa, pb in layer._part_factors():
+            pieces[i] = pieces[i] + (x @ pa.t()) @ pb.t() * layer.scaling
+        return torch.cat(pieces, dim=-1)
+    return out + (x @ layer.lora_A.t()) @ layer.lora_B.t() * layer.scaling
+
+
+def _grads(layer, x, fn):
+    x = x.clone().requires_grad_(True)
+    y = fn(layer, x)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(5)))
+    out = (y.detach(), x.grad, layer.lora_A.grad, layer.lora_B.grad)
+    layer.lora_A.grad = layer.lora_B.grad = None
+    return out
+
+
+@pytest.mark.parametrize("kind", ["linear", "qkv-qv", "qkv-k", "q8", "q4", "nobias"])
+def test_fused_forward_and_grads_match_plain_autograd(kind):
+    torch.manual_seed(0)
+    if kind.startswith("qkv"):
+        layer = LoRAQKVLinear(nn.Linear(12, 18), rank=2, alpha=3, parts=kind[4:], init="gaussian")
+    else:
+        base = nn.Linear(12, 6, bias=kind != "nobias")
+        base = QuantizedLinear(base, bits=int(kind[1])) if kind[0] == "q" else base
+        layer = LoRALinear(base, rank=3, alpha=5, init="gaussian")
+    x = torch.randn(2, 5, 12)
+    ref = _grads(layer, x, _reference)
+    got = _grads(layer, x, lambda m, t: m(t))
+    assert layer._fused(x)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    if kind == "qkv-qv":  # k's output slice is exactly the base layer's
+        assert torch.equal(got[0][..., 6:12], layer.base_layer(x)[..., 6:12])
+    with torch.no_grad():  # the plain path (eval) gives the same output
+        torch.testing.assert_close(layer.eval()(x), ref[0], rtol=1e-5, atol=1e-5)
+
+
+def test_fused_node_with_frozen_input_and_factors_only_trainable():
+    base = nn.Linear(8, 4).requires_grad_(False)
+    a = torch.randn(2, 8, requires_grad=True)
+    b = torch.randn(4, 2, requires_grad=True)
+    x = torch.randn(3, 8)  # no gradient wanted for x: backward must not compute one
+    lora_linear(x, base, a, b).sum().backward()
+    g = torch.ones(3, 4)
+    torch.testing.assert_close(b.grad, g.t() @ (x @ a.t()))
+    torch.testing.assert_close(a.grad, (g @ b).t() @ x)
+    assert base.weight.grad is None and x.grad is None
+
+
+def test_dropout_in_training_takes_the_unfused_path():
+    layer = LoRALinear(nn.Linear(8, 4), rank=2, dropout=0.5, init="gaussian").train()
+    x = torch.randn(3, 8)
+    assert not layer._fused(x)
+    assert layer.eval()._fused(x)
+
+
+def test_conv_delta_in_place_matches_plain_ops():
+    torch.manual_seed(0)
+    layer = LoRAConv2d(nn.Conv2d(4, 6, 3, padding=1), rank=2, alpha=3, init="gaussian")
+    x = torch.randn(2, 4, 7, 7)
+    ref = layer.base_layer(x) + F.conv2d(F.conv2d(x, layer.lora_A, padding=1), layer.lora_B) * layer.scaling
+    torch.testing.assert_close(layer(x), ref, rtol=1e-5, atol=1e-5)
+
+
+def _old_nf4(q):
+    """The NF4 dequantisation written out per code (high nibble first), as a reference."""
+    idx = torch.stack([q.weight_q >> 4, q.weight_q & 15], dim=-1).reshape(-1, 64).long()
+    w = (q.nf4_code[idx] * q.weight_scale[:, None]).reshape(-1)[: math.prod(q.weight_shape)]
+    return w.reshape(q.weight_shape)
+
+
+def test_one_pass_dequantisation_is_exact():
+    torch.manual_seed(0)
+    lin = nn.Linear(40, 7)  # 280 entries: a padded last NF4 block
+    q4, q8 = QuantizedLinear(lin, bits=4), QuantizedLinear(lin, bits=8)
+    assert torch.equal(q4.dequantized_weight(), _old_nf4(q4))
+    assert torch.equal(q8.dequantized_weight(), q8.weight_q.float() * q8.weight_scale[:, None])
+    assert (q8.dequantized_weight() - lin.weight).abs().max() <= q8.weight_scale.max() / 2 + 1e-7
+
+
+@pytest.mark.parametrize("conv", [False, True])
+def test_adapter_scale_folded_into_up(conv):
+    torch.manual_seed(0)
+    ad = Adapter(6, 3, scale=0.3, conv=conv)
+    nn.init.normal_(ad.up.weight)
+    nn.init.normal_(ad.up.bias)
+    x = torch.randn(2, 6, 4, 4) if conv else torch.randn(2, 5, 6)
+    torch.testing.assert_close(ad(x), ad.up(ad.act(ad.down(x))) * 0.3, rtol=1e-5, atol=1e-6)
