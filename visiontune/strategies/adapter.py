@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import StrategyConfig, StrategyError, available_strategies, check_positive, register_strategy
@@ -172,7 +173,14 @@ class Adapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.act(self.down(x))) * self.scale
+        h = self.act(self.down(x))
+        if self.scale == 1.0:
+            return self.up(h)
+        # the scale on up's small weight and bias, not on the output-sized result (one pass fewer)
+        up, s = self.up, self.scale
+        if isinstance(up, nn.Conv2d):
+            return F.conv2d(h, up.weight * s, up.bias * s)
+        return F.linear(h, up.weight * s, up.bias * s)
 
     def extra_repr(self) -> str:
         return f"scale={self.scale}"
