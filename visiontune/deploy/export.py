@@ -13,7 +13,8 @@ vpt) is exported as it is, after one line saying so. The file takes a float32 NC
 batch dimension dynamic, and records its preprocessing (mean, std, input size, interpolation, class names).
 Before the file is written, onnxruntime (or ``torch.jit.load``) runs it on real images (``--data.predict``, else
 ``--data.val`` / ``test`` / ``train``; else a synthetic input, said so) at batch 1 and at the images' batch; it
-must match the PyTorch model within ``--tolerance`` (1e-4) with the same top-1, else nothing is written (exit 1).
+must match the PyTorch model within ``--tolerance`` (1e-4, times the largest |logit| when above 1) with the same
+top-1, else nothing is written (exit 1).
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def export_model(
         mean, std: normalisation; ``None``: the backbone's.
         exporter: ONNX only: ``"dynamo"`` (torch.export-based, PyTorch's default) or ``"legacy"``.
         check_images: how many images (evenly spread over the source) the check runs.
-        tolerance: the largest |Δlogit| accepted.
+        tolerance: the largest |Δlogit| accepted, times the largest |logit| when that is above 1.
         latency_runs: timed runs per latency (median; after 3 warm-up runs).
 
     Returns:
@@ -234,9 +235,11 @@ def export_model(
     got = [run(x.numpy()), np.concatenate([run(x[i:i + 1].numpy()) for i in range(len(x))])]
     diff = max(float(np.abs(g - want).max()) for g in got)
     agree = all(bool((g.argmax(1) == want.argmax(1)).all()) for g in got)
-    if not (diff <= tolerance and agree):
+    # float32 rounding grows with the logits' size (a fused BatchNorm in onnxruntime: ~1e-5 of the scale)
+    allowed = tolerance * max(1.0, float(np.abs(want).max()))
+    if not (diff <= allowed and agree):
         raise ExportFailedError(f"the exported {format} model does not match PyTorch: max |dlogit| {diff:.2e} "
-                                f"(tolerance {tolerance:g}), top-1 {'same' if agree else 'differs'}; not written")
+                                f"(tolerance {allowed:.2g}), top-1 {'same' if agree else 'differs'}; not written")
     one = x[:1]
     latency = {"pytorch": _median_ms(lambda: _logits(model, one), latency_runs),
                "exported": _median_ms(lambda: run(one.numpy()), latency_runs)}
