@@ -37,9 +37,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-NOT_BENCHMARKS = ("run_all", "photosets")  # photosets.py builds data, it measures nothing
+NOT_BENCHMARKS = ("run_all", "photosets", "gpu")  # photosets.py builds data; gpu.py needs a GPU (run it by hand)
 ORDER = ("accuracy", "new_classes", "suggest", "overhead", "peft", "schedule", "fixmatch", "cache", "data_path",
-         "cpu_opts", "export", "report")
+         "cpu_opts", "compile_ckpt", "export", "report")
 RESULT_RE = re.compile(r"^RESULT\s+([A-Za-z0-9_.\-]+)\s+(\S+)\s+(\S+)(?:\s+(.*))?$")
 TARGET_RE = re.compile(r"^(<=|>=|<|>)(-?[0-9.]+(?:e-?[0-9]+)?)$")
 NOTES_START, NOTES_END = "<!-- notes:start -->", "<!-- notes:end -->"

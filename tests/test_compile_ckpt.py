@@ -103,3 +103,36 @@ def test_compiled_fit_checkpoint_and_delta_load_uncompiled_with_the_same_logits(
         torch.testing.assert_close(compiled_logits, eager(x), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(compiled_logits, from_delta(x), rtol=1e-5, atol=1e-5)
     assert eager.hparams.compile is False and model.hparams.compile is True
+
+
+def _script(name: str):
+    """benchmarks/<name>.py, loaded by path."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"visiontune_bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks the module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_dry_run_runs_every_case_on_cpu_and_prints_parsable_results(capsys):
+    """benchmarks/gpu.py's CPU-side logic (no GPU here): every case, equal LoRA / PEFT trainable counts (it raises
+    otherwise), the Lightning bf16-mixed fit, RESULT lines run_all.py parses; the real run's settings."""
+    gpu = _script("gpu")
+    full = gpu.settings(dry_run=False)
+    assert (full.backbone, full.size, full.batch, full.device, full.backbone_args) == \
+        ("vit_base_patch16_224", 224, 64, "cuda", {})
+    assert gpu.main(["--dry-run"]) == 0
+    out = capsys.readouterr().out
+    results = {r["name"]: r for r in _script("run_all").parse_results(out)}
+    assert list(results) == ["gpu_lora_vs_full_step", "gpu_lora_vs_peft_step", "gpu_lora_vs_peft_mem",
+                             "gpu_full_images_per_s", "gpu_lora_images_per_s", "gpu_peft_lora_images_per_s",
+                             "gpu_lightning_bf16_lora_images_per_s"]
+    assert results["gpu_lightning_bf16_lora_images_per_s"]["value"] > 0
+    assert "precision=bf16-mixed" in results["gpu_lightning_bf16_lora_images_per_s"]["note"]
+    trainable = {line.split()[0]: line.split()[2] for line in out.splitlines() if " trainable " in line}
+    assert trainable["lora"] == trainable["peft_lora"] != trainable["full"]
