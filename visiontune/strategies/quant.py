@@ -203,6 +203,8 @@ class _LoRALinearFn(torch.autograd.Function):
     ``g·W`` with ``g·B·A`` accumulated into it in place; the frozen weight gets no gradient and is not
     differentiated through. Saved: ``x``, the thin ``x·Aᵀ``, the factors and (float base) the weight by
     reference; a quantized base dequantises again in backward, as :class:`_FrozenQuantized` does.
+    The thin products are computed transposed, ``(R, tokens)`` (``A·xᵀ``, ``Bᵀ·gᵀ``, ``(A·xᵀ)·g``): with
+    one MKL thread at ViT-S/224 sizes these layouts ran 1.4-6x faster than ``x·Aᵀ``, ``g·B``, ``gᵀ·h``.
     """
 
     @staticmethod
@@ -210,24 +212,24 @@ class _LoRALinearFn(torch.autograd.Function):
         quantized = isinstance(base, QuantizedBase)
         w = base.dequantized_weight() if quantized else base.weight
         x2 = x.reshape(-1, x.shape[-1])
-        h = x2.mm(a.t())
+        ht = a.mm(x2.t())  # (R, tokens)
         out = x2.mm(w.t()) if base.bias is None else torch.addmm(base.bias, x2, w.t())
-        out.addmm_(h, b.t())
+        out.addmm_(ht.t(), b.t())
         ctx.base, ctx.x_shape = base, x.shape
-        ctx.save_for_backward(x2, h, a, b, None if quantized else w)
+        ctx.save_for_backward(x2, ht, a, b, None if quantized else w)
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x2, h, a, b, w = ctx.saved_tensors
+        x2, ht, a, b, w = ctx.saved_tensors
         g = grad.reshape(-1, grad.shape[-1])
-        gh = g.mm(b)
-        ga = gh.t().mm(x2) if ctx.needs_input_grad[1] else None
-        gb = g.t().mm(h) if ctx.needs_input_grad[2] else None
+        ght = b.t().mm(g.t())  # (R, tokens)
+        ga = ght.mm(x2) if ctx.needs_input_grad[1] else None
+        gb = ht.mm(g).t().contiguous() if ctx.needs_input_grad[2] else None
         gx = None
         if ctx.needs_input_grad[0]:
             w = ctx.base.dequantized_weight() if w is None else w
-            gx = g.mm(w).addmm_(gh, a).view(ctx.x_shape)
+            gx = g.mm(w).addmm_(ght.t(), a).view(ctx.x_shape)
         return gx, ga, gb, None
 
 
