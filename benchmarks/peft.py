@@ -30,13 +30,20 @@ How it is measured (one run; ratios are only ever taken between numbers from the
   mode, ``no_grad``, timed round-robin (base, unmerged, merged, base, ...) so drift hits all three alike;
   medians.
 
+* ``--lightning``: the same cases' steps under a Lightning ``Trainer`` (``fit`` on a loader of the same
+  batch; per-step time from batch-start to batch-end callbacks, so Trainer setup is not counted), short fits
+  interleaved across cases (full, lora, ..., full, ...), the first step of every fit dropped.
+* ``--profile``: one step per case under ``torch.profiler``; the top ops by self CPU time.
+
     python benchmarks/peft.py --quick          # small sizes, < 3 min on 2 cores
     python benchmarks/peft.py                  # vit_small @224 bs16, lite0 @128 bs32
-    python benchmarks/peft.py --vit-size 160 --json peft.json
+    python benchmarks/peft.py --vit-size 112 --cnn-size 64 --strategies lora,qlora --lightning --profile
 
-Prints a table per backbone and ``RESULT <name> <value> <target>`` lines:
-``lora_vs_peft_step`` / ``lora_vs_peft_mem`` (target <= 1.0), ``merged_vs_base_latency`` (<= 1.02),
-``unmerged_vs_base_latency`` (reported). Timings on a shared CPU are noisy: compare ratios, rerun to confirm.
+Prints a table per backbone and ``RESULT <name> <value> <target>`` lines: ``lora_vs_peft_step`` (target
+<= 0.85), ``lora_vs_peft_mem`` (<= 0.9), ``lora_vs_full_step`` (<= 0.72), ``qlora_vs_lora_step`` (<= 1.2),
+``merged_vs_base_latency`` (<= 1.02), ``unmerged_vs_base_latency`` and the other ratios (reported); with
+``--lightning`` also ``lightning_*`` step ratios. Timings on a shared CPU are noisy: compare ratios, rerun to
+confirm.
 """
 
 from __future__ import annotations
@@ -190,6 +197,69 @@ def time_cases(specs: list[Spec]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def lightning_cases(specs: list[Spec], rounds: int = 3, per_fit: int = 2) -> dict[str, float]:
+    """Median step time per case under a Lightning ``Trainer``: ``rounds`` short fits per case, interleaved
+    across cases, ``per_fit`` measured steps each after one dropped step."""
+    import lightning.pytorch as pl
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(specs[0].threads)
+
+    class Case(pl.LightningModule):
+        def __init__(self, net, opt) -> None:
+            super().__init__()
+            self.net, self.opt = net, opt
+
+        def training_step(self, batch, _):
+            return F.cross_entropy(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return self.opt
+
+    class Clock(pl.Callback):
+        def __init__(self) -> None:
+            self.t0, self.times = 0.0, []
+
+        def on_train_batch_start(self, *_):
+            self.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, *_):
+            self.times.append(time.perf_counter() - self.t0)
+
+    cases = {}
+    for s in specs:
+        net, opt, x, y, _ = _setup(s)
+        data = torch.utils.data.TensorDataset(x.repeat(per_fit + 1, 1, 1, 1), y.repeat(per_fit + 1))
+        cases[s.strategy] = (Case(net, opt), torch.utils.data.DataLoader(data, batch_size=s.batch))
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    for _ in range(rounds):
+        for name, (module, batches) in cases.items():
+            clock = Clock()
+            pl.Trainer(max_steps=per_fit + 1, accelerator="cpu", devices=1, logger=False, callbacks=[clock],
+                       enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                       num_sanity_val_steps=0).fit(module, batches)
+            times[name].extend(clock.times[1:])
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def profile_cases(specs: list[Spec], rows: int = 12) -> dict[str, list[tuple[str, float]]]:
+    """One step per case (after one warm-up step) under ``torch.profiler``: the top ops by self CPU time (s)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.set_num_threads(specs[0].threads)
+    out = {}
+    for s in specs:
+        case = _setup(s)[:4]
+        _step(*case)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            _step(*case)
+        ops = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)[:rows]
+        out[s.strategy] = [(e.key, e.self_cpu_time_total / 1e6) for e in ops]
+    return out
+
+
 def run_inference(backbone: str, size: int, batch: int, reps: int, threads: int) -> dict:
     """Latency of base, unmerged LoRA and merged LoRA (eval, no_grad), timed round-robin; medians."""
     import copy
@@ -257,6 +327,45 @@ def _fmt_table(rows: list[dict], full: dict) -> str:
     return "\n".join(lines)
 
 
+_TARGETS = {"lora_vs_peft_step": "<=0.85", "lora_vs_peft_mem": "<=0.9", "lora_vs_full_step": "<=0.72",
+            "qlora_vs_lora_step": "<=1.2"}
+
+
+def _report(results: dict, short: str, by: dict, full: dict) -> None:
+    """RESULT lines of one backbone's ratios (targets in ``_TARGETS``; the others are reported)."""
+    ratios = {}
+    if "lora" in by:
+        ratios["lora_vs_peft_step"] = by["lora"]["step_s"] / by["peft_lora"]["step_s"]
+        ratios["lora_vs_peft_mem"] = by["lora"]["train_mem_mb"] / by["peft_lora"]["train_mem_mb"]
+    if "qlora" in by and "lora" in by:
+        ratios["qlora_vs_lora_step"] = by["qlora"]["step_s"] / by["lora"]["step_s"]
+        ratios["qlora_vs_lora_mem"] = by["qlora"]["train_mem_mb"] / by["lora"]["train_mem_mb"]
+    for s in ("lora", "qlora", "peft_lora", "adapter", "linear"):
+        if s in by:
+            ratios[f"{s}_vs_full_step"] = by[s]["step_s"] / full["step_s"]
+            ratios[f"{s}_vs_full_mem"] = by[s]["train_mem_mb"] / full["train_mem_mb"]
+    for name, value in ratios.items():
+        results[f"{short}_{name}"] = value
+        print(f"RESULT {short}_{name} {value:.3f} {_TARGETS.get(name, 'report')}")
+
+
+def _extras(args, ctx, results: dict, backbone: str, specs: list[Spec], kind: str) -> None:
+    """``--lightning`` and ``--profile`` for one backbone."""
+    if args.lightning:
+        lt = in_fresh_process(ctx, lightning_cases, specs)
+        results["lightning"] = {**results.get("lightning", {}), backbone: lt}
+        print(f"  {backbone} under Lightning, ms/step: " + ", ".join(f"{k} {1000 * v:.1f}" for k, v in lt.items()))
+        for s, ref in (("lora", "full"), ("lora", "peft_lora"), ("qlora", "lora")):
+            if s in lt and ref in lt:
+                print(f"RESULT {'vit' if kind == 'vit' else 'cnn'}_lightning_{s}_vs_{ref}_step "
+                      f"{lt[s] / lt[ref]:.3f} report")
+    if args.profile:
+        prof = in_fresh_process(ctx, profile_cases, specs)
+        results["profile"] = {**results.get("profile", {}), backbone: prof}
+        for case, ops in prof.items():
+            print(f"  profile {backbone} {case}: " + ", ".join(f"{k} {v:.3f}s" for k, v in ops))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes and few steps (< 3 min on 2 cores)")
@@ -269,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strategies", default=None, help="comma-separated subset (full is always run)")
     parser.add_argument("--backbones", default="vit_small_patch16_224,tf_efficientnet_lite0")
     parser.add_argument("--json", default=None, help="also write all numbers to this JSON file")
+    parser.add_argument("--lightning", action="store_true", help="also time the steps under a Lightning Trainer")
+    parser.add_argument("--profile", action="store_true", help="also print each case's top ops (torch.profiler)")
     args = parser.parse_args(argv)
 
     from visiontune.strategies import available_strategies
@@ -309,18 +420,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_fmt_table(rows, full))
         results["cases"].extend(rows)
         by = {r["strategy"]: r for r in rows}
-        if "lora" in by:
-            short = "vit" if kind == "vit" else "cnn"
-            step = by["lora"]["step_s"] / by["peft_lora"]["step_s"]
-            mem = by["lora"]["train_mem_mb"] / by["peft_lora"]["train_mem_mb"]
-            results["results"][f"{short}_lora_vs_peft_step"] = step
-            results["results"][f"{short}_lora_vs_peft_mem"] = mem
-            print(f"RESULT {short}_lora_vs_peft_step {step:.3f} <=1.0")
-            print(f"RESULT {short}_lora_vs_peft_mem {mem:.3f} <=1.0")
-            for s in ("lora", "peft_lora", "linear"):
-                if s in by:
-                    print(f"RESULT {short}_{s}_vs_full_step {by[s]['step_s'] / full['step_s']:.3f} report")
-                    print(f"RESULT {short}_{s}_vs_full_mem {by[s]['train_mem_mb'] / full['train_mem_mb']:.3f} report")
+        _report(results["results"], "vit" if kind == "vit" else "cnn", by, full)
+        _extras(args, ctx, results, backbone, specs, kind)
         inf = in_fresh_process(ctx, run_inference, backbone, sizes[kind], batches[kind], 15 if q else 30, args.threads)
         results["inference"].append(inf)
         short = "vit" if kind == "vit" else "cnn"
