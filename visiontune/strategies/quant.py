@@ -217,7 +217,7 @@ class _LoRALinearFn(torch.autograd.Function):
         out.addmm_(ht.t(), b.t())
         ctx.base, ctx.x_shape = base, x.shape
         ctx.save_for_backward(x2, ht, a, b, None if quantized else w)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        return out  # 2-D: a view returned from here could not be modified in place (EVA's ``qkv += bias``)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -252,7 +252,8 @@ def lora_linear(x: Tensor, base: nn.Module, a: Tensor, b: Tensor) -> Tensor:
         True
     """
     if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
-        return _LoRALinearFn.apply(x, a, b, base)
+        out = _LoRALinearFn.apply(x, a, b, base)
+        return out.view(*x.shape[:-1], out.shape[-1])
     return base(x) + F.linear(F.linear(x, a), b)
 
 

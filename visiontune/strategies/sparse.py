@@ -429,4 +429,8 @@ def apply_sparse_delta(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> N
             p = params[name]
             if idx.numel() != values.numel() or (idx.numel() and int(idx.max()) >= p.numel()):
                 raise StrategyError(f"apply_sparse_delta: indices/values of {name!r} do not fit shape {tuple(p.shape)}")
-            p.view(-1)[idx.to(p.device)] = values.to(p.device, p.dtype)
+            with torch.no_grad():  # indices are in logical (row-major) order, whatever the memory format
+                flat = p.reshape(-1)  # a copy for a channels-last weight
+                flat[idx.to(p.device)] = values.to(p.device, p.dtype)
+                if flat.data_ptr() != p.data_ptr():
+                    p.copy_(flat.view(p.shape))
