@@ -30,8 +30,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 BACKBONE, WEIGHTS = "tf_efficientnet_lite0", "package"
-STRATEGIES = ["default", "full", "last_k", "lora", "adapter", "bitfit", "linear"]
-PEFT = ("lora", "adapter", "bitfit")
+STRATEGIES = ["default", "full", "last_k", "lora", "dora", "ssf", "adapter", "bitfit", "linear"]
+PEFT = ("lora", "dora", "ssf", "adapter", "bitfit")
 
 
 def _value(text: str):
@@ -84,8 +84,14 @@ def run_strategy(root: Path, strategy: str, seed: int, size: int, epochs: int, m
     seconds = time.perf_counter() - start
     trainer.test(model, dm, verbose=False)
     m = trainer.callback_metrics
-    return {"acc": float(m["test_acc"]), "f1": float(m["test_macro_f1"]), "seconds": seconds,
-            "params": model.parameter_summary()["trainable_params"]}
+    out = {"acc": float(m["test_acc"]), "f1": float(m["test_macro_f1"]), "seconds": seconds,
+           "params": model.parameter_summary()["trainable_params"]}
+    if model.hparams.get("tta", "none") == "none" and dm.hflip:  # the same model, tested with flip TTA too
+        model.hparams["tta"] = "hflip"
+        trainer.test(model, dm, verbose=False)
+        out["acc_tta"] = float(trainer.callback_metrics["test_acc"])
+        model.hparams["tta"] = "none"
+    return out
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -104,10 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set-arg", action="append", default=[], help="model.NAME=VALUE or data.NAME=VALUE")
     p.add_argument("--cache", default=photosets.CACHE)
     p.add_argument("--quick", action="store_true", help="first set, seed 0, default recipe and baseline")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a shared machine)")
     a = p.parse_args(argv)
     import torch
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(max(1, a.threads))
     sets = a.sets or photosets.available_sets()
     if a.quick:
         sets, a.seeds, a.strategies = sets[:1], [0], ["default"]
@@ -126,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             for s in a.strategies:
                 r = run_strategy(root, s, seed, a.size, a.epochs, model_args, data_args)
                 rows.setdefault(s, []).append(r)
-                print(f"[{name} seed {seed}] {s:10s} acc {r['acc']:.3f} f1 {r['f1']:.3f} "
+                tta = f" (hflip TTA {r['acc_tta']:.3f})" if "acc_tta" in r else ""
+                print(f"[{name} seed {seed}] {s:10s} acc {r['acc']:.3f}{tta} f1 {r['f1']:.3f} "
                       f"{r['seconds']:.0f}s {r['params']:,} params", flush=True)
         base = _mean_std([r["acc"] for r in rows["baseline"]])[0]
         print(f"\n{name} @ {a.size}px, {a.epochs} epochs, seeds {a.seeds}, args {a.set_arg or 'recipe defaults'}")
@@ -141,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         for s, rs in rows.items():
             acc = _mean_std([r["acc"] for r in rs])[0]
             print(f"RESULT acc_{name}_{s} {acc:.4f} report")
+            if all("acc_tta" in r for r in rs):
+                print(f"RESULT tta_gain_{name}_{s} {100 * (_mean_std([r['acc_tta'] for r in rs])[0] - acc):.1f} report")
             if s == "baseline":
                 continue
             target = ">=10" if s == "default" else "report"
