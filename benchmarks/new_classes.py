@@ -49,6 +49,7 @@ BASE_EPOCHS = 10
 VARIANTS: dict[str, list[str]] = {
     "shipped": [],
     "labeled_only": ["--model.semi_supervised", "null"],
+    "label_all": ["--model.class_expansion.label_pool", "all"],
 }
 EXTS = {".jpg", ".jpeg", ".png"}
 

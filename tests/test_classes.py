@@ -361,3 +361,38 @@ def test_label_new_in_pool_labels_only_new_looking_images_by_refined_prototypes(
     assert (refined[:45] == truth).float().mean() == 1.0
     assert (support_only[:45] == truth).float().mean() < 0.95  # 3 of 45 wrong: refining fixes them
     assert labels(new_mass=0.95).tolist() == [-1] * 55
+
+
+def test_label_whole_pool_features_say_old_or_new_and_the_old_model_which_old_class():
+    """Every pool image gets a class. Two old classes share one cluster of the prior features, so only the
+    old model tells them apart; the new class's images form their own cluster, and they are labelled new
+    although the old model is 0.7 sure they are old class 0 (the over-confidence that labelling by the
+    old model alone suffers; below ``anchor_threshold``, so they do not seed class 0's prototype). A large
+    ``new_weight`` (trust in that confidence) turns them old."""
+    from visiontune.objectives.pool_labels import label_whole_pool
+
+    g = torch.Generator().manual_seed(0)
+    old_cluster = torch.tensor([4.0, 0.0, 0.0]) + 0.5 * torch.randn(20, 3, generator=g)
+    new_cluster = torch.tensor([0.0, 0.0, 4.0]) + 0.5 * torch.randn(10, 3, generator=g)
+    pool = torch.cat([old_cluster, new_cluster])
+    truth = torch.tensor([0] * 10 + [1] * 10 + [2] * 10)
+    old_probs = torch.zeros(30, 2)
+    old_probs[:10] = torch.tensor([0.9, 0.1])
+    old_probs[10:20] = torch.tensor([0.2, 0.8])
+    old_probs[20:] = torch.tensor([0.7, 0.3])
+    support = torch.tensor([[0.5, 0.0, 3.5], [0.0, 0.5, 4.0]])
+
+    labels = label_whole_pool(old_probs, support, torch.tensor([0, 0]), pool)
+    assert labels.dtype == torch.long and labels.tolist() == truth.tolist()
+    trusting = label_whole_pool(old_probs, support, torch.tensor([0, 0]), pool, new_weight=50.0)
+    assert bool((trusting[20:] < 2).all())  # no image left in the new class
+
+
+@pytest.mark.parametrize("value", ["yes", 1, None, "All"])
+def test_label_pool_takes_new_all_or_a_bool(value):
+    from visiontune.errors import ConfigError
+
+    for ok, kept in ((True, "new"), (False, False), ("new", "new"), ("all", "all")):
+        assert ClassExpansionConfig(label_pool=ok).label_pool == kept
+    with pytest.raises(ConfigError, match=r"label_pool must be 'new' \(or true\), 'all' or false; got"):
+        ClassExpansionConfig(label_pool=value)

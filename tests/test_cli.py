@@ -206,7 +206,7 @@ def test_shipped_fit_configs_parse(name):
         assert hp.semi_supervised["threshold"] == 0.95
     if name == "new_classes.yaml":
         assert hp.class_expansion == {"distill": 1.0, "temperature": 2.0, "freeze_old_rows": False, "replay": True,
-                                      "label_pool": True, "anchor_threshold": 0.8}
+                                      "label_pool": "new", "anchor_threshold": 0.8}
         assert hp.init_from.endswith("last.ckpt")
 
 

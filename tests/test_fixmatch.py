@@ -283,6 +283,33 @@ def test_replay_puts_pool_images_of_known_class_into_the_supervised_batch(old_ch
         int(labelled.sum()), precision)
 
 
+@pytest.mark.slow
+def test_label_pool_all_labels_the_pool_better_than_the_old_model(old_checkpoint, digit_arrays):
+    """``label_pool: all`` gives every pool image (up to the 1024 held at setup) a class, old or new; they
+    must be right more often than the old model's own labels, which cannot name a new class (baseline
+    computed here, on the same images)."""
+    path, keep, test, _ = old_checkpoint
+    x, y = digit_arrays
+    L.seed_everything(0)
+    model = TransferClassifier("tf_efficientnet_lite0", weights=None, strategy="full", lr=1e-4, init_from=str(path),
+                               class_expansion=ClassExpansionConfig(label_pool="all"),
+                               semi_supervised=FixMatchConfig(threshold=0.9, mu=2))
+    dm = _expansion_data(x, y, keep, test, k=5)
+    _trainer(1).fit(model, dm)
+    exp = model._expansion
+    table, truth = exp.pool_labels, torch.as_tensor(dm.unlabeled_set.samples.labels)
+    labelled = table >= 0
+    assert table.shape == (len(dm.unlabeled_set),) and int(labelled.sum()) == min(1024, len(table))
+    t = exp._eval_transform(model, dm)  # what the labelling saw
+    pool_x = torch.stack([t(image=dm.unlabeled_set.load(int(i)))["image"]
+                          for i in labelled.nonzero().flatten()[:256]])
+    ours = (table[labelled][:256] == truth[labelled][:256]).float().mean()
+    old = (exp.old_logits(pool_x).argmax(1) == truth[labelled][:256]).float().mean()
+    print(f"pool labels right: label_pool=all {float(ours):.3f}, old model {float(old):.3f}")
+    assert bool((table[labelled] >= exp.num_old).any())  # new classes are named
+    assert ours > old + 0.03, (float(ours), float(old))
+
+
 def _val_logits(model: TransferClassifier, dm: ImageDataModule) -> tuple[torch.Tensor, torch.Tensor]:
     model.eval()
     with torch.no_grad():

@@ -111,7 +111,7 @@ class ClassExpansion:
         self.new_class_names: list[str] = []
         self._old_rows: tuple[Tensor, Tensor | None] | None = None
         self._hooks: list[Any] = []
-        self.pool_labels: Tensor | None = None  # pool index -> new class, or -1 (set by _label_pool)
+        self.pool_labels: Tensor | None = None  # pool index -> class, or -1 (set by _label_pool)
 
     # ------------------------------------------------------------------ the old model
     def checkpoint(self) -> dict[str, Any]:
@@ -308,15 +308,22 @@ class ClassExpansion:
 
     def _label_pool(self, module: "ClassifierModel", net: nn.Module, support: tuple[Tensor, Tensor],
                     anchors: Tensor, pool_idx: Tensor, pool_size: int) -> None:
-        """Label the pool images that look new once (:func:`visiontune.objectives.pool_labels.label_new_in_pool`)."""
-        from .pool_labels import label_new_in_pool, pooled_features
+        """Label pool images once (``label_pool``: ``"all"``, :func:`~visiontune.objectives.pool_labels.label_whole_pool`;
+        else those that look new, :func:`~visiontune.objectives.pool_labels.label_new_in_pool`)."""
+        from .pool_labels import label_new_in_pool, label_whole_pool, pooled_features
 
-        head = net.get_classifier()
-        with torch.no_grad():
-            probs = head(pooled_features(net, anchors).to(head.weight.dtype)).softmax(1).float().cpu()
         prior = self._prior(module, net)
-        labels = label_new_in_pool(probs, len(self.old_class_names), pooled_features(prior, support[0]), support[1],
-                                   pooled_features(prior, anchors))
+        if self.cfg.label_pool == "all":
+            old_probs = torch.cat([self.old_logits(anchors[i: i + 64]).float().cpu()
+                                   for i in range(0, len(anchors), 64)]).softmax(1)
+            labels = label_whole_pool(old_probs, pooled_features(prior, support[0]), support[1],
+                                      pooled_features(prior, anchors), anchor_threshold=self.cfg.anchor_threshold)
+        else:
+            head = net.get_classifier()
+            with torch.no_grad():
+                probs = head(pooled_features(net, anchors).to(head.weight.dtype)).softmax(1).float().cpu()
+            labels = label_new_in_pool(probs, len(self.old_class_names), pooled_features(prior, support[0]), support[1],
+                                       pooled_features(prior, anchors))
         table = torch.full((pool_size,), -1, dtype=torch.long)
         table[pool_idx] = labels
         self.pool_labels = table

@@ -328,8 +328,8 @@ def _fixmatch_losses(module: "ClassifierModel", fm: FixMatchState, expansion: Op
     if expansion is not None and expansion.old_model is not None:
         old_weak = expansion.old_logits(x_w)
         anchored, old_cls = confident_old(old_weak, expansion.cfg.anchor_threshold)
-        pool = expansion.pool_labels_for(index)  # new classes, labelled once at setup (-1: unknown)
-        if pool is not None:  # the grown head's "this is new" beats the old model's (over-)confidence
+        pool = expansion.pool_labels_for(index)  # labelled once at setup (label_pool; -1: unknown)
+        if pool is not None:  # setup-time labels beat the old model's (over-)confidence
             new_known = pool >= 0
             old_cls = torch.where(new_known, pool, old_cls)
             anchored = anchored | new_known
