@@ -15,7 +15,9 @@ Timing: one LoRA training epoch (tf_efficientnet_lite0, offline weights, 96 px, 
 * ``cached`` (the default): decoded reduced once at setup into memory; an epoch only augments.
 
 ``RESULT data_path_epoch_speedup`` = before / cached epoch (target >= 1.5), with the fill time reported apart;
-``RESULT data_path_loader_share_before`` = the share of the ``before`` epoch spent waiting for batches.
+``RESULT data_path_loader_share_before`` = the share of the ``before`` epoch spent waiting for batches;
+``RESULT data_path_second_setup_vs_first`` = a second datamodule's setup over the same files (shared decode
+cache: ``trainer.test`` after ``fit``, the next ``compare`` run) / the first, cold one.
 Accuracy: LoRA, 10 epochs, seed 0, on the camera-size set, test split, ``before`` vs ``cached``: the
 difference must be within noise (``RESULT data_path_accuracy_delta``).
 """
@@ -88,13 +90,20 @@ def lora_model(num_classes: int):
 
 
 def epoch(root: Path, mode: str) -> dict[str, float]:
-    """Setup (incl. cache fill), then one training epoch: total, time waiting for batches."""
+    """Setup (incl. cache fill, cold), a second datamodule's setup over the same files (what ``trainer.test``
+    after ``fit`` or the next ``compare`` run pays), then one training epoch: total, time waiting for batches."""
     import torch.nn.functional as F
 
+    from visiontune.data.decoded import clear_shared
+
+    clear_shared()
     t0 = time.perf_counter()
     dm = data(root / "all", None, mode)  # the timing epoch runs over every image (train + test folders)
     dm.setup("fit")
     setup = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    data(root / "all", None, mode).setup("fit")
+    again = time.perf_counter() - t0
     model, opt = lora_model(len(dm.class_names))
     model.train()
     wait = 0.0
@@ -112,7 +121,7 @@ def epoch(root: Path, mode: str) -> dict[str, float]:
         loss.backward()
         opt.step()
     total = time.perf_counter() - start
-    return {"setup": setup, "epoch": total, "wait": wait, "images": len(dm.train_set)}
+    return {"setup": setup, "again": again, "epoch": total, "wait": wait, "images": len(dm.train_set)}
 
 
 def accuracy(root: Path, mode: str, epochs: int) -> float:
@@ -148,14 +157,16 @@ def main() -> None:
         for mode in MODES:  # interleaved: the machine's load hits every mode alike
             runs[mode].append(epoch(root, mode))
             r = runs[mode][-1]
-            print(f"{mode:8s} setup {r['setup']:6.1f} s  epoch {r['epoch']:6.1f} s  waiting for batches "
+            print(f"{mode:8s} setup {r['setup']:6.1f} s  second setup {r['again']:6.2f} s  epoch {r['epoch']:6.1f} s  waiting for batches "
                   f"{r['wait']:6.1f} s  ({r['images']} images)", flush=True)
-    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("setup", "epoch", "wait")} for m, rs in runs.items()}
+    med = {m: {k: statistics.median(r[k] for r in rs) for k in ("setup", "again", "epoch", "wait")}
+           for m, rs in runs.items()}
     print(f"RESULT data_path_epoch_speedup {med['before']['epoch'] / med['cached']['epoch']:.2f} >=1.5")
     print(f"RESULT data_path_reduced_epoch_speedup {med['before']['epoch'] / med['reduced']['epoch']:.2f} -")
     print(f"RESULT data_path_loader_share_before {med['before']['wait'] / med['before']['epoch']:.2f} -")
     print(f"RESULT data_path_loader_share_cached {med['cached']['wait'] / med['cached']['epoch']:.2f} -")
     print(f"RESULT data_path_cache_fill_vs_before_epoch {med['cached']['setup'] / med['before']['epoch']:.2f} -")
+    print(f"RESULT data_path_second_setup_vs_first {med['cached']['again'] / med['cached']['setup']:.3f} -")
     if not a.quick:
         accs = {m: accuracy(root, m, a.epochs) for m in ("before", "cached")}
         print(f"accuracy (LoRA, {a.epochs} epochs, seed 0, camera-size photos, test): "

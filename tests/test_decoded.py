@@ -100,3 +100,42 @@ def test_datamodule_decodes_reduced_caches_and_shares_with_eval_view(folder):
 def test_decode_side_must_be_a_non_negative_int():
     with pytest.raises(UserError, match="decode_side must be an integer >= 0.*-3"):
         ImageDataModule(train="digits", decode_side=-3)
+
+
+def test_datamodules_over_the_same_files_share_one_decode(folder, monkeypatch):
+    """fit then test, or compare's runs one after another: a second datamodule over the same folder decodes
+    nothing; a file changed on disk is decoded again; another decode size is another set."""
+    calls = []
+    real = decoded.load_image
+    monkeypatch.setattr(decoded, "load_image", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+
+    def setup(**kw):
+        dm = ImageDataModule(train=str(folder), val_split=0.0, image_size=32, batch_size=4, num_workers=0, **kw)
+        dm.setup("fit")
+        return dm.train_set
+
+    first = setup()
+    assert len(calls) == 6
+    second = setup()
+    assert len(calls) == 6 and second.images is first.images and second is not first
+    assert all(second.load(i) is first.load(i) for i in range(6))
+    changed = sorted(folder.glob("a/*.jpg"))[0]
+    _photo(changed, seed=99)  # new contents, new size and modification time
+    third = setup()
+    assert third.images is not first.images
+    assert len(calls) == 12  # one file changed: the set is a new one, all six decoded again
+    assert not np.array_equal(third.load(0), first.load(0))
+    setup(decode_side=48)
+    assert len(calls) == 18
+
+
+def test_trim_shared_keeps_the_newest_sets_within_the_budget(folder):
+    files = sorted(str(p) for p in folder.glob("*/*.jpg"))
+    sets = [decoded.shared_decoded(files, side=side) for side in (40, 50, 60)]
+    for d in sets:
+        d.fill(workers=1)
+    per = [d.cached_bytes for d in sets]
+    assert decoded.trim_shared(max_bytes=per[1] + per[2]) == 2  # older sets of other tests go too
+    assert decoded.shared_decoded(files, side=60) is sets[2] and decoded.shared_decoded(files, side=50) is sets[1]
+    assert decoded.shared_decoded(files, side=40) is not sets[0]  # forgotten: a fresh, empty set
+    assert decoded.trim_shared(max_bytes=0) == 1  # the newest always stays

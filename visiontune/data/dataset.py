@@ -50,7 +50,7 @@ class ImageDataset(Dataset):
         images: DecodedImages | None = None,
     ) -> None:
         self.samples = samples
-        if images is not None and images.items is not samples.items:
+        if images is not None and not _same_items(images.items, samples.items):
             raise ValueError("images= must decode the same samples.items as this dataset")
         self.images = images or DecodedImages(samples.items, side=decode_side, cache=cache_images,
                                               max_pixels=max_pixels)
@@ -98,6 +98,15 @@ class ImageDataset(Dataset):
         target = i if self.return_index else int(self.samples.labels[i])
         out = (*views, target) if self.multi else (views[0], target)
         return (*out, i) if self.with_index else out
+
+
+def _same_items(a: Sequence, b: Sequence) -> bool:
+    """The same list, or equal file items in the same order (arrays must be the very same objects)."""
+    if a is b:
+        return True
+    return len(a) == len(b) and all(
+        x is y or (not isinstance(x, np.ndarray) and not isinstance(y, np.ndarray) and str(x) == str(y))
+        for x, y in zip(a, b))
 
 
 def _item_seed(seed: int, epoch: int, index: int, view: int) -> int:

@@ -5,7 +5,9 @@ fits in memory, :class:`DecodedImages` decodes a file once, reduced so that its 
 (JPEGs already in the decoder, by DCT scaling, then an area resize), and keeps the uint8 array; later epochs pay
 only the augmentation. ``ImageDataModule(decode_side=..., cache_images=...)`` sets it up for its datasets, and
 the training loader reads the same pixels in every epoch, with or without worker processes (the cache is filled
-in the main process, with a thread per core, before workers fork).
+in the main process, with a thread per core, before workers fork). :func:`shared_decoded` shares one such cache
+between every dataset of the process over the same files, so fit then test, or ``compare`` running strategy
+after strategy and seed after seed, decode each file once in all.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Union
@@ -21,7 +24,8 @@ import numpy as np
 
 from .images import DEFAULT_MAX_PIXELS, BadImageError, load_image
 
-__all__ = ["DecodedImages", "reduce_image", "default_decode_side", "cache_budget_bytes"]
+__all__ = ["DecodedImages", "reduce_image", "default_decode_side", "cache_budget_bytes", "shared_decoded",
+           "trim_shared", "clear_shared"]
 
 #: the short side images are reduced to, as a multiple of the training ``image_size``: a random-resized crop of
 #: 60 % of the area, resized to ``image_size``, needs ``image_size / sqrt(0.6)`` = 1.3x; 2x leaves room.
@@ -172,3 +176,67 @@ class DecodedImages:
             with ThreadPoolExecutor(max_workers=workers) as pool:
                 list(pool.map(one, todo))
         return self.cached
+
+
+_SHARED: "OrderedDict[tuple, DecodedImages]" = OrderedDict()
+_SHARED_LOCK = threading.Lock()
+
+
+def _file_key(item: Union[str, os.PathLike]) -> tuple:
+    path = os.fspath(item)
+    try:
+        st = os.stat(path)
+    except OSError:  # reading it raises later, naming the file
+        return (path, -1, -1)
+    return (path, st.st_size, st.st_mtime_ns)
+
+
+def shared_decoded(
+    items: Sequence[Union[str, os.PathLike, np.ndarray]],
+    *,
+    side: Optional[int],
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS,
+) -> DecodedImages:
+    """A caching :class:`DecodedImages` of ``items``, the same object for every caller in this process that asks
+    for the same files (path, size and modification time) at the same ``side`` and ``max_pixels``.
+
+    A second datamodule over the same folder (``trainer.test`` after ``fit``, ``visiontune compare`` running
+    strategy after strategy, seed after seed) reuses what the first one decoded; a file that changed on disk
+    is a different key, so it is decoded again. :func:`trim_shared` drops the least recently used sets past one
+    cache budget. In-memory array items are never cached, so they get a plain instance of their own.
+
+    Example:
+        >>> import numpy as np, tempfile, os
+        >>> from PIL import Image
+        >>> path = os.path.join(tempfile.mkdtemp(), "a.png")
+        >>> Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+        >>> shared_decoded([path], side=4) is shared_decoded([path], side=4)
+        True
+    """
+    if any(isinstance(item, np.ndarray) for item in items):
+        return DecodedImages(items, side=side, cache=True, max_pixels=max_pixels)
+    key = (int(side) if side else None, max_pixels, tuple(_file_key(item) for item in items))
+    with _SHARED_LOCK:
+        hit = _SHARED.get(key)
+        if hit is not None:
+            _SHARED.move_to_end(key)
+            return hit
+        made = _SHARED[key] = DecodedImages(items, side=side, cache=True, max_pixels=max_pixels)
+    return made
+
+
+def trim_shared(max_bytes: Optional[int] = None) -> int:
+    """Forget the least recently used shared sets until those kept hold at most ``max_bytes`` (default
+    :func:`cache_budget_bytes`) of decoded pixels; the newest is always kept. A dataset still using a
+    forgotten set keeps it. Returns how many sets are kept."""
+    budget = cache_budget_bytes() if max_bytes is None else int(max_bytes)
+    with _SHARED_LOCK:
+        while len(_SHARED) > 1 and sum(d.cached_bytes for d in _SHARED.values()) > budget:
+            _SHARED.popitem(last=False)
+        return len(_SHARED)
+
+
+def clear_shared() -> None:
+    """Forget every shared set (the next datamodule decodes its files again; datasets in use keep theirs)."""
+    with _SHARED_LOCK:
+        _SHARED.clear()

@@ -91,7 +91,9 @@ class DataViews:
                       **kw: Any) -> ImageDataset:
         """An :class:`ImageDataset` of ``samples`` with the datamodule's decoding options: files decoded once,
         reduced to ``decode_side`` (default twice the image size) and, with ``cache_images``, kept in memory
-        (filled now, a thread per core). ``share``: a dataset over the same samples whose decoded images to reuse.
+        (filled now, a thread per core; shared with every other dataset of the process over the same files,
+        :func:`~visiontune.data.decoded.shared_decoded`). ``share``: a dataset over the same samples whose decoded
+        images to reuse.
         """
         if share is not None and share.samples is samples:
             return ImageDataset(samples, transforms, max_pixels=self.max_pixels, images=share.images, **kw)
@@ -101,10 +103,14 @@ class DataViews:
 
             res = getattr(self, "resolved", None) or {}
             side = default_decode_side(int(res.get("image_size") or self.image_size or 224))
-        ds = ImageDataset(samples, transforms, max_pixels=self.max_pixels, decode_side=side or None,
-                          cache_images=self.cache_images, **kw)
-        if self.cache_images:
-            ds.images.fill()
+        if not self.cache_images:
+            return ImageDataset(samples, transforms, max_pixels=self.max_pixels, decode_side=side or None, **kw)
+        from .decoded import shared_decoded, trim_shared
+
+        images = shared_decoded(samples.items, side=side or None, max_pixels=self.max_pixels)
+        ds = ImageDataset(samples, transforms, max_pixels=self.max_pixels, images=images, **kw)
+        images.fill()
+        trim_shared()
         return ds
 
     # ------------------------------------------------------------------ views for a feature cache
