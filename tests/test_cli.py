@@ -210,6 +210,15 @@ def test_shipped_fit_configs_parse(name):
         assert hp.init_from.endswith("last.ckpt")
 
 
+@pytest.mark.parametrize("value, kept", [("all", "all"), ("new", "new"), ("true", "new"), ("false", False)])
+def test_label_pool_from_the_command_line(value, kept):
+    from visiontune.cli import cli_class
+
+    cli = cli_class()(args=["--config", str(ROOT / "configs" / "new_classes.yaml"), "--model.weights", "null",
+                            "--model.class_expansion.label_pool", value], run=False)
+    assert cli.model._expansion.cfg.label_pool == kept  # hparams keep the config's own spelling
+
+
 @pytest.mark.slow
 def test_new_classes_yaml_adds_a_class_to_a_cli_trained_model(tmp_path, capsys, monkeypatch):
     """The README's two commands: train on the old classes, then `fit --config configs/new_classes.yaml`."""

@@ -88,7 +88,7 @@ class ClassExpansionConfig:
     temperature: float = 2.0
     freeze_old_rows: bool = False
     replay: bool = True
-    label_pool: Union[str, bool] = "new"
+    label_pool: Union[bool, str] = "new"
     anchor_threshold: float = 0.8
 
     def __post_init__(self) -> None:
