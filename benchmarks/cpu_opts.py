@@ -4,7 +4,9 @@
 its baseline in interleaved repeats (baseline, option, baseline, option, ...); the median ratio
 baseline / option is reported (> 1: the option is faster).
 
-* ``channels_last``: model and input in NHWC memory format; full fine-tuning step and eval forward.
+* ``channels_last``: model and input in NHWC memory format; full fine-tuning step and eval forward, and a
+  ``sparse`` (2 %, magnitude masks) training step, which runs channels-last by default since its masks index
+  weights in logical order.
 * ``inference_mode``: ``torch.inference_mode()`` vs. ``torch.no_grad()`` for the eval forward.
 * ``bf16``: ``torch.autocast("cpu", dtype=torch.bfloat16)`` for the eval forward and the training step;
   only where the CPU has bf16 instructions (AVX512-BF16 / AMX), else reported as skipped.
@@ -59,18 +61,19 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=g)
     y = torch.randint(0, 10, (args.batch_size,), generator=g)
 
-    def make(channels_last: bool):
+    def make(channels_last: bool, strategy: str = "full"):
         net = create_backbone("tf_efficientnet_lite0", "package", num_classes=10)
-        apply_strategy(net, "full")
+        apply_strategy(net, strategy, {"fraction": 0.02, "score": "magnitude"} if strategy == "sparse" else None)
         if channels_last:
             net = net.to(memory_format=torch.channels_last)
-        return net, torch.optim.AdamW(net.parameters(), lr=1e-4)
+        return net, torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4)
 
     nets = {False: make(False), True: make(True)}
+    sparse_nets = {False: make(False, "sparse"), True: make(True, "sparse")}
     x_cl = x.contiguous(memory_format=torch.channels_last)
 
-    def train_step(channels_last: bool, bf16: bool = False) -> float:
-        net, opt = nets[channels_last]
+    def train_step(channels_last: bool, bf16: bool = False, table=nets) -> float:  # noqa: ANN001
+        net, opt = table[channels_last]
         net.train()
         xb = x_cl if channels_last else x
         t = time.perf_counter()
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 flags {cpu_has_bf16()}")
     compare("channels_last_train", lambda: train_step(False), lambda: train_step(True))
     compare("channels_last_eval", lambda: eval_step(False), lambda: eval_step(True))
+    compare("channels_last_sparse_train", lambda: train_step(False, table=sparse_nets),
+            lambda: train_step(True, table=sparse_nets))
     compare("inference_mode_eval", lambda: eval_step(inference=False), lambda: eval_step(inference=True))
     if cpu_has_bf16():
         compare("bf16_eval", lambda: eval_step(), lambda: eval_step(bf16=True))

@@ -268,17 +268,20 @@ def test_task_bank_switches_in_place(tmp_path):
     assert bank.active is None and bank.tasks == ["cars"]
 
 
-def test_task_bank_sparse_masks_and_base_checks(tmp_path):
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_task_bank_sparse_masks_and_base_checks(tmp_path, fmt):
+    """Also in channels-last memory format (the default for CNNs): sparse indices count logical entries."""
     xs = [(X, torch.tensor([0, 1, 2])), (-X, torch.tensor([2, 2, 0]))]
     trained = {}
     for task, seed in (("a", 0), ("b", 1)):
-        net = lite("sparse", fraction=0.02, score="gradient", warmup_batches=1)
+        net = lite("sparse", fraction=0.02, score="gradient", warmup_batches=1).to(memory_format=fmt)
         calibrate_sparse(net, [xs[seed]])  # different data: different masks
         train_like(net, seed=10 + seed)
         save_delta(net, tmp_path / f"{task}.safetensors", class_names=names(3))
         with torch.no_grad():
             trained[task] = net(X)
-    base = lite("sparse", fraction=0.02, score="gradient", warmup_batches=1).eval()
+    base = lite("sparse", fraction=0.02, score="gradient", warmup_batches=1).to(memory_format=fmt).eval()
+    assert base.conv_stem.weight.is_contiguous(memory_format=fmt)
     before = {k: v.clone() for k, v in base.state_dict().items()}
     bank = TaskBank(base)
     bank.add_task("a", tmp_path / "a.safetensors")
@@ -326,6 +329,27 @@ def test_transfer_classifier_round_trip_and_sizes(tmp_path):
     assert rebuilt.class_names == ["x", "y", "z"]
     with torch.no_grad():
         assert torch.equal(rebuilt(X), model.net(X))
+
+
+def test_sparse_transfer_classifier_runs_channels_last_and_round_trips(tmp_path):
+    """A CNN under ``sparse`` now runs channels-last (``channels_last: auto``), its masks too; the delta it
+    saves rebuilds the same logits and restores the masks (continued training moves the same entries)."""
+    from visiontune.strategies.sparse import sparse_masks
+    from visiontune.training.module import TransferClassifier
+
+    model = TransferClassifier("tf_efficientnet_lite0", weights="package", class_names=names(3), strategy="sparse",
+                               strategy_args={"fraction": 0.02}, bn="frozen")
+    assert model.net.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    masks = sparse_masks(model.net)
+    assert masks["conv_stem.weight"].is_contiguous(memory_format=torch.channels_last)
+    train_like(model.net, seed=7, stats=False)
+    path = save_delta(model, tmp_path / "sparse.safetensors")
+    rebuilt = build_from_delta(path)
+    assert rebuilt.net.conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(rebuilt(X), model.eval().net(X))
+    again = sparse_masks(rebuilt.net)
+    assert all(torch.equal(again[n], masks[n]) for n in masks)
 
 
 def test_fit_writes_delta_and_predict_uses_it(tmp_path, monkeypatch, capsys):

@@ -275,18 +275,20 @@ class TaskBank:
 
     @torch.no_grad()
     def _restore(self, net: nn.Module) -> None:
+        from ..strategies.sparse import write_flat
+
         for entry in reversed(self._undo):
             if entry[0] == "copy":
                 entry[1].copy_(entry[2])
-            else:  # "index": flat view, indices, old values
-                entry[1][entry[2]] = entry[3]
+            else:  # "index": tensor, logical flat indices, old values
+                write_flat(entry[1], entry[2], entry[3])
         self._undo = []
         self._set_head(net, self._base_head, self._base_classes)
         self._active = None
 
     @torch.no_grad()
     def _apply(self, net: nn.Module, task: _Task) -> None:
-        from ..strategies.sparse import sparse_masks
+        from ..strategies.sparse import sparse_masks, write_flat
 
         params = dict(net.named_parameters())
         buffers = dict(net.named_buffers())
@@ -300,11 +302,11 @@ class TaskBank:
                 buffers[n].copy_(t)
             masks = sparse_masks(net) if task.sparse else {}
             for n, (idx, values) in task.sparse.items():
-                flat = params[n].detach().view(-1)
-                undo.append(("index", flat, idx, flat[idx].clone()))
-                flat[idx] = values
+                p = params[n].detach()
+                undo.append(("index", p, idx, p.reshape(-1)[idx].clone()))
+                write_flat(p, idx, values)  # indices in logical order, any memory format
                 undo.append(("copy", masks[n], masks[n].clone()))
-                masks[n].fill_(False).view(-1)[idx] = True
+                write_flat(masks[n].fill_(False), idx, True)
         finally:
             self._undo = undo
         self._set_head(net, task.head, task.class_names)

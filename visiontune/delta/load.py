@@ -159,13 +159,13 @@ def _write_into(net: nn.Module, tensors: Mapping[str, torch.Tensor], layout: Del
         for n in layout.stats:
             buffers[n].copy_(tensors[n])
         if layout.sparse:
-            from ..strategies.sparse import apply_sparse_delta, sparse_masks
+            from ..strategies.sparse import apply_sparse_delta, sparse_masks, write_flat
 
             sparse = {k: v for k, v in tensors.items() if k.endswith(SPARSE_SUFFIXES)}
             apply_sparse_delta(net, sparse)
             masks = sparse_masks(net)
             for n in layout.sparse:  # continued training moves the same entries as the delta's
-                masks[n].fill_(False).view(-1)[sparse[n + ".sparse_indices"].to(masks[n].device)] = True
+                write_flat(masks[n].fill_(False), sparse[n + ".sparse_indices"], True)
             flag = getattr(net, "visiontune_sparse_calibrated", None)
             if isinstance(flag, torch.Tensor):
                 flag.fill_(True)

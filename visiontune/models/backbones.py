@@ -255,12 +255,12 @@ def remap_lukemelas(raw: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     return out
 
 
-def wants_channels_last(net: nn.Module, setting: Union[bool, str] = "auto", strategy: str = "") -> bool:
+def wants_channels_last(net: nn.Module, setting: Union[bool, str] = "auto") -> bool:
     """Whether ``net`` should run in channels-last (NHWC) memory format: ``setting`` if it is a bool; for
     ``"auto"``, whether at least half of its parameters are 4-D convolution weights (a convolutional network;
     a ViT's patch embedding alone is ~1 %). NHWC convolutions measured 1.5-1.7x faster CPU training steps on
-    EfficientNet-Lite0 (``benchmarks/cpu_opts.py``). Never for ``strategy="sparse"`` (an explicit ``True`` is a
-    ``ConfigError``).
+    EfficientNet-Lite0 (``benchmarks/cpu_opts.py``). Every strategy works in either format (``sparse`` indexes
+    its weights in logical order: :func:`visiontune.strategies.sparse.write_flat`).
 
     Example:
         >>> import timm
@@ -269,11 +269,6 @@ def wants_channels_last(net: nn.Module, setting: Union[bool, str] = "auto", stra
         >>> wants_channels_last(timm.create_model("vit_tiny_patch16_224", num_classes=2, img_size=32))
         False
     """
-    if strategy == "sparse":  # its masks and deltas index weights as flat row-major tensors
-        if setting is True:
-            raise ConfigError("model.channels_last: true does not work with strategy 'sparse' (its masks and "
-                              "deltas index the weights in row-major order): use 'auto' or false")
-        return False
     if isinstance(setting, bool):
         return setting
     if setting != "auto":

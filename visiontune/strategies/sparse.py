@@ -28,7 +28,7 @@ import math
 import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import ClassVar
+from typing import ClassVar, Union
 from dataclasses import dataclass
 from itertools import islice
 
@@ -41,6 +41,7 @@ from .base import StrategyConfig, StrategyError, head_parameter_names, register_
 __all__ = [
     "SparseConfig",
     "apply_sparse",
+    "write_flat",
     "apply_sparse_delta",
     "calibrate_sparse",
     "sparse_delta",
@@ -196,6 +197,26 @@ def _masked(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
                 leaf = bname[: -len(_MASK_SUFFIX)]
                 out.append((f"{mname}.{leaf}" if mname else leaf, m, leaf))
     return out
+
+
+@torch.no_grad()
+def write_flat(t: torch.Tensor, idx: torch.Tensor, values: Union[torch.Tensor, bool, float]) -> None:
+    """``t.reshape(-1)[idx] = values`` in place, whatever ``t``'s memory format: sparse indices count entries in
+    logical (row-major) order, also for a channels-last weight, whose flat view does not exist.
+
+    Example:
+        >>> w = torch.zeros(1, 2, 2, 2).to(memory_format=torch.channels_last)
+        >>> write_flat(w, torch.tensor([1]), 5.0)
+        >>> w[0, 0, 0, 1].item(), w.is_contiguous(memory_format=torch.channels_last)
+        (5.0, True)
+    """
+    idx = idx.to(t.device)
+    if t.is_contiguous():
+        t.view(-1)[idx] = values
+        return
+    flat = t.reshape(-1)  # a logical-order copy
+    flat[idx] = values if not isinstance(values, torch.Tensor) else values.to(t.device, t.dtype)
+    t.copy_(flat.view(t.shape))
 
 
 def _topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
@@ -429,8 +450,4 @@ def apply_sparse_delta(model: nn.Module, delta: Mapping[str, torch.Tensor]) -> N
             p = params[name]
             if idx.numel() != values.numel() or (idx.numel() and int(idx.max()) >= p.numel()):
                 raise StrategyError(f"apply_sparse_delta: indices/values of {name!r} do not fit shape {tuple(p.shape)}")
-            with torch.no_grad():  # indices are in logical (row-major) order, whatever the memory format
-                flat = p.reshape(-1)  # a copy for a channels-last weight
-                flat[idx.to(p.device)] = values.to(p.device, p.dtype)
-                if flat.data_ptr() != p.data_ptr():
-                    p.copy_(flat.view(p.shape))
+            write_flat(p, idx, values.to(p.device, p.dtype))  # indices in logical order, any memory format

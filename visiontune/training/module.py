@@ -186,7 +186,7 @@ class TransferClassifier(EvaluationSteps, L.LightningModule):
         if prepare is not None:  # before the strategy: e.g. load old weights and add classes (expansion)
             num_classes = prepare(net)
         self.strategy_config = apply_strategy(net, self.strategy_config)
-        if wants_channels_last(net, h.get("channels_last", False), strategy_name(self.strategy_config)):
+        if wants_channels_last(net, h.get("channels_last", False)):
             net = net.to(memory_format=torch.channels_last)  # inputs follow: conv outputs take the weight's format
         self.net = apply_scale_options(net, backbone=h.backbone, compile=h.get("compile", False),
                                        grad_checkpointing=h.get("grad_checkpointing", False))
