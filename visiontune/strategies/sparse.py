@@ -210,13 +210,10 @@ def write_flat(t: torch.Tensor, idx: torch.Tensor, values: Union[torch.Tensor, b
         >>> w[0, 0, 0, 1].item(), w.is_contiguous(memory_format=torch.channels_last)
         (5.0, True)
     """
-    idx = idx.to(t.device)
-    if t.is_contiguous():
-        t.view(-1)[idx] = values
-        return
-    flat = t.reshape(-1)  # a logical-order copy
-    flat[idx] = values if not isinstance(values, torch.Tensor) else values.to(t.device, t.dtype)
-    t.copy_(flat.view(t.shape))
+    flat = t.view(-1) if t.is_contiguous() else t.reshape(-1)  # reshape: a logical-order copy
+    flat[idx.to(t.device)] = values.to(t.device, t.dtype) if isinstance(values, torch.Tensor) else values
+    if not t.is_contiguous():
+        t.copy_(flat.view(t.shape))
 
 
 def _topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
