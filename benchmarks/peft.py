@@ -8,7 +8,8 @@ backbone, plus ``peft_lora``: HF PEFT's LoRA on the *same* target modules with t
 
 How it is measured (one run; ratios are only ever taken between numbers from the same run):
 
-* A case = build the model, apply the strategy, AdamW over the trainable parameters, one fixed batch;
+* A case = build the model, apply the strategy, AdamW over the trainable parameters, one fixed batch,
+  in the memory format visiontune trains it in (channels-last for CNNs: ``wants_channels_last``);
   a training step = forward, cross-entropy, backward, ``step``, ``zero_grad``.
 * step time: every case of a backbone lives in one process and their steps are **interleaved** (full,
   adapter, ..., full, adapter, ...), so load from other processes on a shared machine hits all cases
@@ -127,6 +128,8 @@ def _apply(net, strategy: str):
 def _setup(spec: Spec):
     import torch
 
+    from visiontune.models.backbones import wants_channels_last
+
     torch.manual_seed(0)
     net = _apply(_build(spec.backbone, spec.size), spec.strategy).train()
     params = [p for p in net.parameters() if p.requires_grad]
@@ -140,6 +143,8 @@ def _setup(spec: Spec):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(spec.batch, 3, spec.size, spec.size, generator=g)
     y = torch.randint(0, 10, (spec.batch,), generator=g)
+    if wants_channels_last(net):  # the memory format visiontune trains CNNs in (``model.channels_last: auto``)
+        net, x = net.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     return net, opt, x, y, trainable
 
 

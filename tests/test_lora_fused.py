@@ -12,7 +12,7 @@ from torch import nn
 
 from visiontune.strategies.adapter import Adapter
 from visiontune.strategies.lora_layers import LoRAConv2d, LoRALinear, LoRAQKVLinear
-from visiontune.strategies.quant import QuantizedLinear, lora_linear
+from visiontune.strategies.quant import QuantizedConv2d, QuantizedLinear, _merges, lora_linear
 
 
 def _reference(layer, x):
@@ -37,8 +37,9 @@ def _grads(layer, x, fn):
     return out
 
 
+@pytest.mark.parametrize("rows", [10, 2])  # 10 tokens: the delta folded into the weight; 2: thin products
 @pytest.mark.parametrize("kind", ["linear", "qkv-qv", "qkv-k", "q8", "q4", "nobias"])
-def test_fused_forward_and_grads_match_plain_autograd(kind):
+def test_fused_forward_and_grads_match_plain_autograd(kind, rows):
     torch.manual_seed(0)
     if kind.startswith("qkv"):
         layer = LoRAQKVLinear(nn.Linear(12, 18), rank=2, alpha=3, parts=kind[4:], init="gaussian")
@@ -46,10 +47,11 @@ def test_fused_forward_and_grads_match_plain_autograd(kind):
         base = nn.Linear(12, 6, bias=kind != "nobias")
         base = QuantizedLinear(base, bits=int(kind[1])) if kind[0] == "q" else base
         layer = LoRALinear(base, rank=3, alpha=5, init="gaussian")
-    x = torch.randn(2, 5, 12)
+    x = torch.randn(2, 5, 12)[:, : rows // 2]
     ref = _grads(layer, x, _reference)
     got = _grads(layer, x, lambda m, t: m(t))
     assert layer._fused(x)
+    assert _merges(x.reshape(rows, 12), layer._base_weight()) == (rows == 10)
     for g, r in zip(got, ref):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     if kind == "qkv-qv":  # k's output slice is exactly the base layer's
@@ -109,3 +111,114 @@ def test_adapter_scale_folded_into_up(conv):
     nn.init.normal_(ad.up.bias)
     x = torch.randn(2, 6, 4, 4) if conv else torch.randn(2, 5, 6)
     torch.testing.assert_close(ad(x), ad.up(ad.act(ad.down(x))) * 0.3, rtol=1e-5, atol=1e-6)
+
+
+_PRE_OPS = {
+    "gelu": lambda h: F.gelu(h),
+    "gelu-tanh": lambda h: F.gelu(h, approximate="tanh"),
+    "silu": F.silu,
+    "layernorm": nn.LayerNorm(12),
+    "layernorm-plain": nn.LayerNorm(12, elementwise_affine=False),
+    "none": lambda h: h * 1.0,  # any other producer: the input itself is kept
+}
+
+
+@pytest.mark.parametrize("pre", sorted(_PRE_OPS))
+def test_input_rebuilt_from_gelu_silu_layernorm_instead_of_kept(pre):
+    """Where the layer's input is a GELU/SiLU/LayerNorm output, backward rebuilds it from the tensors that
+    op's node keeps anyway: the same gradients as plain autograd, and the input itself is not saved."""
+    torch.manual_seed(0)
+    op = _PRE_OPS[pre]
+    if isinstance(op, nn.LayerNorm) and op.elementwise_affine:
+        nn.init.normal_(op.weight)
+        nn.init.normal_(op.bias)
+    layer = LoRALinear(nn.Linear(12, 6), rank=3, alpha=5, init="gaussian")
+    h = torch.randn(2, 5, 12, requires_grad=True)
+    g = torch.randn(2, 5, 6)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        u = op(h)
+        y = layer(u)
+    kept_input = any(t.data_ptr() == u.data_ptr() for t in saved)
+    assert kept_input == (pre == "none")
+    got = torch.autograd.grad(y, (h, layer.lora_A, layer.lora_B), g)
+    h_ref = h.detach().clone().requires_grad_(True)
+    y_ref = _reference(layer, op(h_ref))
+    ref = torch.autograd.grad(y_ref, (h_ref, layer.lora_A, layer.lora_B), g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_vit_lora_keeps_a_quarter_less_for_backward_with_the_same_gradients(monkeypatch):
+    """A ViT with LoRA on every Linear: the qkv/fc1 inputs (LayerNorm outputs) and fc2's 4x-wide input
+    (the GELU output) are not stored; gradients are identical to storing them."""
+    import timm
+
+    from visiontune.strategies import apply_strategy
+    from visiontune.strategies import quant
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
+    apply_strategy(net, "lora", {"rank": 4, "init": "gaussian"})
+    x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
+
+    def step() -> tuple[int, dict[str, torch.Tensor]]:
+        storages: dict[int, int] = {}
+        weights = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:  # activations only: weights are kept by reference
+            if t.untyped_storage().data_ptr() not in weights:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        net.zero_grad()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        return sum(storages.values()), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    kept, grads = step()
+    monkeypatch.setattr(quant, "_recomputable", lambda _x: None)
+    kept_all, grads_all = step()
+    assert grads.keys() == grads_all.keys() and len(grads) > 20
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_all[n], rtol=1e-5, atol=1e-7)
+    assert kept < 0.75 * kept_all, (kept, kept_all)  # 0.66 measured; 1.0 when every input is kept
+
+
+def _node_names(t: torch.Tensor, depth: int = 3) -> set[str]:
+    names, frontier = set(), [t.grad_fn]
+    for _ in range(depth):
+        frontier = [f for f in frontier if f is not None]
+        names |= {type(f).__name__ for f in frontier}
+        frontier = [n for f in frontier for n, _ in f.next_functions]
+    return names
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pointwise_conv_runs_as_the_fused_linear_node_on_channels_last(channels_last, bits):
+    """A 1×1 conv with channels-last input trains through the fused Linear node (NHWC views, no copies):
+    the same output and gradients as plain conv ops; NCHW input keeps the conv path."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 1)
+    base = QuantizedConv2d(conv, bits=bits) if bits else conv
+    layer = LoRAConv2d(base, rank=3, alpha=5, init="gaussian")
+    x = torch.randn(2, 6, 5, 4)
+    x = x.to(memory_format=torch.channels_last) if channels_last else x
+    x.requires_grad_(True)
+    y = layer(x)
+    assert ("_LoRALinearFnBackward" in _node_names(y)) == channels_last
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    g = torch.randn(y.shape)
+    got = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), g)
+    x_ref = x.detach().clone().requires_grad_(True)
+    w = layer._base_weight()
+    y_ref = F.conv2d(x_ref, w, base.bias) + F.conv2d(F.conv2d(x_ref, layer.lora_A), layer.lora_B) * layer.scaling
+    ref = torch.autograd.grad(y_ref, (x_ref, layer.lora_A, layer.lora_B), g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation keeps the conv path
+        torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)
