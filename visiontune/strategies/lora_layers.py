@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StrategyError
-from .quant import QuantizedBase, conv_is_supported, conv_like, is_same_pad, lora_linear, trains
+from .quant import QuantizedBase, conv_is_supported, conv_like, is_same_pad, lora_linear
 
 __all__ = ["LORA_INITS", "LoRAConv2d", "LoRALayer", "LoRALinear", "LoRAQKVLinear"]
 
@@ -402,9 +402,6 @@ class LoRAConv2d(LoRALayer):
         self.same_pad = is_same_pad(base_layer)
         like = self._base_weight()
         out, in_g, kh, kw = like.shape
-        # a 1×1, stride-1, unpadded dense conv is a Linear over the pixels (channels-last input: a view)
-        self.pointwise = ((kh, kw) == (1, 1) and tuple(base_layer.stride) == (1, 1) and base_layer.groups == 1
-                          and (self.same_pad or base_layer.padding in ((0, 0), "same", "valid")))
         self.lora_A = nn.Parameter(torch.empty(rank, in_g, kh, kw, dtype=like.dtype, device=like.device))
         self.lora_B = nn.Parameter(torch.empty(out, rank, 1, 1, dtype=like.dtype, device=like.device))
         self._reset(init)
@@ -413,11 +410,6 @@ class LoRAConv2d(LoRALayer):
         base = self.base_layer
         if self.merged:
             return base(x)
-        if (self.pointwise and self._fused(x) and trains(x, self.lora_A, self.lora_B)
-                and x.is_contiguous(memory_format=torch.channels_last)):
-            # one fused node as for a Linear (see ``lora_linear``); NHWC views in and out, no copies
-            b = (self.lora_B * self.scaling).flatten(1)
-            return lora_linear(x.permute(0, 2, 3, 1), base, self.lora_A.flatten(1), b).permute(0, 3, 1, 2)
         if base.groups == 1:  # scaling on the small factor B; the delta added into the frozen output in place
             h = conv_like(base, self.same_pad, self.lora_dropout(x), self.lora_A, None, 1)
             return self._frozen(x).add_(F.conv2d(h, self.lora_B * self.scaling))

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .base import StrategyError
 
 __all__ = ["SUPPORTED_BITS", "QuantizedBase", "QuantizedConv2d", "QuantizedLinear", "conv_is_supported", "conv_like",
-           "is_same_pad", "is_weight_standardized", "lora_linear", "standardized_conv", "standardized_weight", "trains"]
+           "is_same_pad", "is_weight_standardized", "lora_linear", "standardized_conv", "standardized_weight"]
 
 SUPPORTED_BITS = (4, 8)
 """The bit widths a frozen weight can be quantized to (qlora's ``bits``): 4 (NF4) or 8 (int8)."""
@@ -56,6 +56,11 @@ def conv_like(conv: nn.Module, same_pad: bool, x: Tensor, weight: Tensor, bias: 
         x = F.pad(x, conv._reversed_padding_repeated_twice, mode=conv.padding_mode)
         return F.conv2d(x, weight, bias, conv.stride, 0, conv.dilation, groups)
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, groups)
+
+
+def is_channels_last(t: Tensor) -> bool:
+    """Whether a 4-D tensor is laid out channels-last (NHWC) and not also plain contiguous."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
 def is_weight_standardized(conv: nn.Module) -> bool:
@@ -184,7 +189,7 @@ class _FrozenQuantized(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, layer: "QuantizedBase") -> Tensor:  # type: ignore[override]
-        ctx.layer, ctx.x_shape = layer, x.shape
+        ctx.layer, ctx.x_shape, ctx.channels_last = layer, x.shape, is_channels_last(x)
         with torch.no_grad():
             return layer._frozen_op(x, layer.dequantized_weight())
 
@@ -192,7 +197,11 @@ class _FrozenQuantized(torch.autograd.Function):
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, None]:  # type: ignore[override]
         if not ctx.needs_input_grad[0]:
             return None, None
-        return ctx.layer._input_grad(grad, ctx.x_shape, ctx.layer.dequantized_weight()), None
+        gx = ctx.layer._input_grad(grad, ctx.x_shape, ctx.layer.dequantized_weight())
+        # in the input's memory format: ``conv2d_input`` returns NCHW for 1×1 weights, and an NCHW gradient
+        # made every BatchNorm backward after it take a slow mixed-format path (qlora 1.4-1.6x LoRA's step
+        # on channels-last Lite0); a no-op when the format already matches
+        return (gx.contiguous(memory_format=torch.channels_last) if ctx.channels_last else gx), None
 
 
 def _recomputable(x: Tensor) -> tuple[str, str, tuple[Tensor | None, ...]] | None:
@@ -245,7 +254,7 @@ class _LoRALinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
         quantized = isinstance(base, QuantizedBase)
-        w = (base.dequantized_weight() if quantized else base.weight).flatten(1)  # a 1×1 conv's: (out, in)
+        w = base.dequantized_weight() if quantized else base.weight
         x2 = x.reshape(-1, x.shape[-1])
         ctx.merged = _merges(x2, w)
         ht = None
@@ -280,17 +289,12 @@ class _LoRALinearFn(torch.autograd.Function):
         gx = None
         if ctx.needs_input_grad[0]:
             quantized = w is None
-            w = ctx.base.dequantized_weight().flatten(1) if quantized else w
+            w = ctx.base.dequantized_weight() if quantized else w
             if ctx.merged:
                 gx = g.mm(w.addmm_(b, a) if quantized else torch.addmm(w, b, a)).view(ctx.x_shape)
             else:
                 gx = g.mm(w).addmm_(ght.t(), a).view(ctx.x_shape)
         return gx, ga, gb, None
-
-
-def trains(*tensors: Tensor) -> bool:
-    """Whether autograd will record an op on these tensors (the fused LoRA node is for training only)."""
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _merges(x2: Tensor, w: Tensor) -> bool:
@@ -318,7 +322,7 @@ def lora_linear(x: Tensor, base: nn.Module, a: Tensor, b: Tensor) -> Tensor:
         >>> torch.allclose(lora_linear(x, base, a, b), base(x) + (x @ a.t()) @ b.t(), atol=1e-5)
         True
     """
-    if trains(x, a, b):
+    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
         out = _LoRALinearFn.apply(x, a, b, base)
         return out.view(*x.shape[:-1], out.shape[-1])
     return base(x) + F.linear(F.linear(x, a), b)
