@@ -13,7 +13,9 @@ How it is measured (one run; ratios are only ever taken between numbers from the
   a training step = forward, cross-entropy, backward, ``step``, ``zero_grad``.
 * step time: every case of a backbone lives in one process and their steps are **interleaved** (full,
   adapter, ..., full, adapter, ...), so load from other processes on a shared machine hits all cases
-  alike; median of the measured steps (warm-up dropped).
+  alike (the order reverses every round); median of the measured steps (warm-up dropped). Timing processes
+  are spawned with glibc's default malloc, as users run (the fixed mmap threshold of the memory cases
+  below would add the kernel's page zeroing of every large tensor to every step).
 * memory: each case again in its own fresh process (forked from a server that has imported torch and
   timm), so memory left behind by one case cannot hide another's. After setup the RSS is read, one
   warm-up step runs, the kernel's peak-RSS counter is reset (``/proc/self/clear_refs`` ← 5), then
@@ -187,7 +189,7 @@ def memory_case(spec: Spec) -> dict:
 
 
 def time_cases(specs: list[Spec]) -> dict[str, float]:
-    """All cases of one backbone in one process, steps interleaved (case 1, case 2, ..., case 1, ...):
+    """All cases of one backbone in one process, steps interleaved (case 1, case 2, ..., case 2, case 1, ...):
     the median step time per case, warm-up steps dropped."""
     import torch
 
@@ -195,7 +197,8 @@ def time_cases(specs: list[Spec]) -> dict[str, float]:
     cases = {s.strategy: _setup(s)[:4] for s in specs}
     times: dict[str, list[float]] = {k: [] for k in cases}
     for i in range(specs[0].warmup + specs[0].steps):
-        for name, (net, opt, x, y) in cases.items():
+        order = list(cases.items()) if i % 2 == 0 else list(cases.items())[::-1]  # no case always runs first
+        for name, (net, opt, x, y) in order:
             t = _step(net, opt, x, y)
             if i >= specs[0].warmup:
                 times[name].append(t)
@@ -396,14 +399,25 @@ def main(argv: list[str] | None = None) -> int:
     wanted = args.strategies.split(",") if args.strategies else available_strategies()
     strategies = ["full", *[s for s in wanted if s != "full"], "peft_lora"]
 
-    # before the fork server starts: its children inherit glibc's malloc settings (see the module doc)
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["torch", "timm", "visiontune.strategies", "visiontune.models.backbones"])
+    # Memory cases fork from a server started with a fixed mmap threshold (see the module doc); its children
+    # inherit that malloc setting. Timing runs in spawned processes with the allocator users have: with the
+    # fixed threshold every large tensor is a fresh mapping, page-faulted on each step (lite0 steps 2.7x
+    # slower), which would time the kernel's page zeroing rather than the strategies.
+    prior = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = prior or "131072"
+    mem_ctx = mp.get_context("forkserver")
+    mem_ctx.set_forkserver_preload(["torch", "timm", "visiontune.strategies", "visiontune.models.backbones"])
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+    if prior is None:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    ctx = mp.get_context("spawn")
     t_start = time.perf_counter()
     results: dict = {"settings": {"quick": q, "steps": steps, "warmup": args.warmup, "threads": args.threads,
                                   "mem_steps": args.mem_steps,
-                                  "malloc_mmap_threshold": os.environ["MALLOC_MMAP_THRESHOLD_"],
+                                  "malloc_mmap_threshold_memory_cases": prior or "131072",
+                                  "malloc_mmap_threshold_timing": prior or "glibc default (dynamic)",
                                   "memory": "VmHWM - VmRSS over the steps (peak reset via /proc/self/clear_refs)"},
                      "cases": [], "inference": [], "results": {}}
     for backbone in args.backbones.split(","):
@@ -415,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = []
         for spec in specs:
             mem_spec = Spec(**{**asdict(spec), "steps": args.mem_steps, "warmup": 1})
-            row = in_fresh_process(ctx, memory_case, mem_spec)
+            row = in_fresh_process(mem_ctx, memory_case, mem_spec)
             rows.append({**asdict(spec), **row, "step_s": step_s[spec.strategy]})
             print(f"  {backbone} {spec.strategy}: {1000 * rows[-1]['step_s']:.1f} ms/step, "
                   f"+{row['train_mem_mb']:.1f} MB", flush=True)
