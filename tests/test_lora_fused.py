@@ -12,7 +12,8 @@ from torch import nn
 
 from visiontune.strategies.adapter import Adapter
 from visiontune.strategies.lora_layers import LoRAConv2d, LoRALinear, LoRAQKVLinear
-from visiontune.strategies.quant import QuantizedLinear, _merges, lora_linear
+from visiontune.strategies.lora_nodes import _merges, lora_linear
+from visiontune.strategies.quant import QuantizedLinear
 
 
 def _reference(layer, x):
@@ -156,7 +157,7 @@ def test_vit_lora_keeps_a_quarter_less_for_backward_with_the_same_gradients(monk
     import timm
 
     from visiontune.strategies import apply_strategy
-    from visiontune.strategies import quant
+    from visiontune.strategies import lora_nodes
 
     torch.manual_seed(0)
     net = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, num_classes=3)
@@ -179,7 +180,7 @@ def test_vit_lora_keeps_a_quarter_less_for_backward_with_the_same_gradients(monk
         return sum(storages.values()), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 
     kept, grads = step()
-    monkeypatch.setattr(quant, "_recomputable", lambda _x: None)
+    monkeypatch.setattr(lora_nodes, "_recomputable", lambda _x: None)
     kept_all, grads_all = step()
     assert grads.keys() == grads_all.keys() and len(grads) > 20
     for n in grads:
@@ -205,3 +206,49 @@ def test_quantized_conv_input_gradient_keeps_channels_last(kernel):
     x_ref = x.detach().clone().requires_grad_(True)
     (ref,) = torch.autograd.grad(F.conv2d(x_ref, q.dequantized_weight(), q.bias, padding=kernel // 2), x_ref, g)
     torch.testing.assert_close(gx, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_unfrozen_base_layer_takes_the_plain_path_and_gets_gradients():
+    """The fused node gives the base weight and bias no gradient, so a base that trains (a schedule
+    unfreezing it) must run the plain ops: its gradients are autograd's."""
+    torch.manual_seed(0)
+    layer = LoRALinear(nn.Linear(12, 6), rank=3, init="gaussian")
+    x = torch.randn(4, 12)
+    assert layer._fused(x)
+    layer.base_layer.requires_grad_(True)
+    assert not layer._fused(x)
+    g = torch.randn(4, 6)
+    layer(x).backward(g)
+    torch.testing.assert_close(layer.base_layer.weight.grad, g.t() @ x)
+    torch.testing.assert_close(layer.base_layer.bias.grad, g.sum(0))
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_pointwise_conv_fused_node_matches_plain_conv_ops(channels_last, bits):
+    """A 1×1 conv's LoRA trains through one node (one conv with W + B·A): the same output and gradients as
+    the three plain convs, in the input's memory format; a 3×3 conv keeps the plain path."""
+    from visiontune.strategies.quant import QuantizedConv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 1)
+    base = QuantizedConv2d(conv, bits=bits) if bits else conv
+    layer = LoRAConv2d(base, rank=3, alpha=5, init="gaussian")
+    assert layer.pointwise and not LoRAConv2d(nn.Conv2d(6, 10, 3, padding=1), rank=3).pointwise
+    x = torch.randn(2, 6, 5, 4)
+    x = (x.contiguous(memory_format=torch.channels_last) if channels_last else x).requires_grad_(True)
+    y = layer(x)
+    assert type(y.grad_fn).__name__ == "_LoRAPointwiseFnBackward"
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    g = torch.randn(y.shape)
+    got = torch.autograd.grad(y, (x, layer.lora_A, layer.lora_B), g)
+    assert got[0].is_contiguous(memory_format=torch.channels_last) == channels_last
+    x_ref = x.detach().clone().requires_grad_(True)
+    y_ref = (F.conv2d(x_ref, layer._base_weight(), base.bias)
+             + F.conv2d(F.conv2d(x_ref, layer.lora_A), layer.lora_B) * layer.scaling)
+    ref = torch.autograd.grad(y_ref, (x_ref, layer.lora_A, layer.lora_B), g)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # evaluation: plain ops, same output
+        torch.testing.assert_close(layer(x), y_ref, rtol=1e-5, atol=1e-5)

@@ -21,7 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import StrategyError
-from .quant import QuantizedBase, conv_is_supported, conv_like, is_same_pad, lora_linear
+from .lora_nodes import lora_linear, lora_pointwise
+from .quant import QuantizedBase, conv_is_supported, conv_like, is_same_pad
 
 __all__ = ["LORA_INITS", "LoRAConv2d", "LoRALayer", "LoRALinear", "LoRAQKVLinear"]
 
@@ -150,9 +151,11 @@ class LoRALayer(nn.Module):
 
     def _fused(self, x: Tensor) -> bool:
         """Whether the forward may run as one fused node: no dropout in effect, no PiSSA residual, no
-        autocast and the factors' dtype (the fused ops do not cast)."""
+        autocast and the factors' dtype (the fused ops do not cast), and a frozen base layer (the node gives
+        its weight and bias no gradient: a schedule that unfreezes them takes the plain ops)."""
         return ((not self.training or not isinstance(self.lora_dropout, nn.Dropout)) and self.pissa_A0 is None
-                and not torch.is_autocast_enabled(x.device.type) and x.dtype == self.lora_A.dtype)
+                and not torch.is_autocast_enabled(x.device.type) and x.dtype == self.lora_A.dtype
+                and not any(p.requires_grad for p in self.base_layer.parameters()))
 
     def _frozen(self, x: Tensor) -> Tensor:
         """The frozen part of the output: the base layer (PiSSA: with the residual weight ``W − s·B0·A0``)."""
@@ -402,6 +405,9 @@ class LoRAConv2d(LoRALayer):
         self.same_pad = is_same_pad(base_layer)
         like = self._base_weight()
         out, in_g, kh, kw = like.shape
+        # a 1×1, stride-1, unpadded dense conv trains through one fused node (``lora_pointwise``)
+        self.pointwise = ((kh, kw) == (1, 1) and tuple(base_layer.stride) == (1, 1) and base_layer.groups == 1
+                          and (self.same_pad or base_layer.padding in ((0, 0), "same", "valid")))
         self.lora_A = nn.Parameter(torch.empty(rank, in_g, kh, kw, dtype=like.dtype, device=like.device))
         self.lora_B = nn.Parameter(torch.empty(out, rank, 1, 1, dtype=like.dtype, device=like.device))
         self._reset(init)
@@ -410,6 +416,8 @@ class LoRAConv2d(LoRALayer):
         base = self.base_layer
         if self.merged:
             return base(x)
+        if self.pointwise and self._fused(x):
+            return lora_pointwise(x, base, self.lora_A, self.lora_B * self.scaling)
         if base.groups == 1:  # scaling on the small factor B; the delta added into the frozen output in place
             h = conv_like(base, self.same_pad, self.lora_dropout(x), self.lora_A, None, 1)
             return self._frozen(x).add_(F.conv2d(h, self.lora_B * self.scaling))

@@ -4,7 +4,7 @@
 channel, or as packed 4-bit NF4 codes with one absmax per block of 64, and dequantise it on the fly
 (``qlora``), in forward and again in backward, so no float copy outlives its use. :func:`conv_like` reproduces a
 conv layer's padding rules (incl. timm's TF-'same') with another weight (LoRA's conv layers use it too).
-:func:`lora_linear` is LoRA's training forward on a frozen Linear (float or quantized) as one autograd node.
+LoRA's fused training nodes over these frozen layers live in :mod:`visiontune.strategies.lora_nodes`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from .base import StrategyError
 
 __all__ = ["SUPPORTED_BITS", "QuantizedBase", "QuantizedConv2d", "QuantizedLinear", "conv_is_supported", "conv_like",
-           "is_same_pad", "is_weight_standardized", "lora_linear", "standardized_conv", "standardized_weight"]
+           "is_same_pad", "is_weight_standardized", "standardized_conv", "standardized_weight"]
 
 SUPPORTED_BITS = (4, 8)
 """The bit widths a frozen weight can be quantized to (qlora's ``bits``): 4 (NF4) or 8 (int8)."""
@@ -202,130 +202,6 @@ class _FrozenQuantized(torch.autograd.Function):
         # made every BatchNorm backward after it take a slow mixed-format path (qlora 1.4-1.6x LoRA's step
         # on channels-last Lite0); a no-op when the format already matches
         return (gx.contiguous(memory_format=torch.channels_last) if ctx.channels_last else gx), None
-
-
-def _recomputable(x: Tensor) -> tuple[str, str, tuple[Tensor | None, ...]] | None:
-    """How to rebuild ``x`` in backward from what the node that made it saves anyway, or ``None``.
-
-    When ``x`` is the direct output of GELU or SiLU (their nodes keep the input ``h``) or of LayerNorm (its
-    node keeps ``h``, the mean, ``1/std``, weight and bias), keeping those references costs no memory, and
-    ``x`` itself need not be kept: it is recomputed when ``A``'s gradient needs it. In a ViT block this
-    drops the stored inputs of ``qkv``, ``fc1`` (LayerNorm outputs) and ``fc2`` (the 4×-wide GELU output).
-    """
-    fn = x.grad_fn
-    kind = type(fn).__name__ if fn is not None else ""
-    try:
-        if kind in ("GeluBackward0", "SiluBackward0"):
-            return kind, getattr(fn, "_saved_approximate", "none"), (fn._saved_self,)
-        if kind == "NativeLayerNormBackward0":
-            return kind, "", (fn._saved_input, fn._saved_result1, fn._saved_result2, fn._saved_weight,
-                              fn._saved_bias)
-    except (AttributeError, RuntimeError):  # a build without these accessors, or tensors already freed
-        return None
-    return None
-
-
-def _recompute(kind: str, approximate: str, saved: tuple[Tensor | None, ...]) -> Tensor:
-    """``x`` again from :func:`_recomputable`'s tensors (GELU/SiLU: the same kernel, so the same bits)."""
-    if kind == "GeluBackward0":
-        return F.gelu(saved[0], approximate=approximate)
-    if kind == "SiluBackward0":
-        return F.silu(saved[0])
-    h, mean, rstd, weight, bias = saved  # LayerNorm: two full-size passes, (h·rstd − mean·rstd)·w + b
-    x = torch.addcmul(-mean * rstd, h, rstd)
-    if weight is not None:
-        return x.mul_(weight) if bias is None else torch.addcmul(bias, x, weight)
-    return x if bias is None else x.add_(bias)
-
-
-class _LoRALinearFn(torch.autograd.Function):
-    """``base(x) + (x·Aᵀ)·Bᵀ`` for a frozen Linear ``base`` as one node (``B`` already scaled).
-
-    Forward: one matmul for ``x·Aᵀ``, the base matmul, and the thin product added into the base output in
-    place (``addmm_``: no second output-sized tensor, no separate add). Backward: the input gradient is
-    ``g·W`` with ``g·B·A`` accumulated into it in place; the frozen weight gets no gradient and is not
-    differentiated through. Saved: ``x`` (or, where ``x`` is a GELU/SiLU/LayerNorm output, the tensors that
-    node keeps anyway: see :func:`_recomputable`), the thin ``x·Aᵀ``, the factors and (float base) the
-    weight by reference; a quantized base dequantises again in backward, as :class:`_FrozenQuantized` does.
-    The thin products are computed transposed, ``(R, tokens)`` (``A·xᵀ``, ``Bᵀ·gᵀ``, ``(A·xᵀ)·g``): with
-    one MKL thread at ViT-S/224 sizes these layouts ran 1.4-6x faster than ``x·Aᵀ``, ``g·B``, ``gᵀ·h``.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, a: Tensor, b: Tensor, base: nn.Module) -> Tensor:  # type: ignore[override]
-        quantized = isinstance(base, QuantizedBase)
-        w = base.dequantized_weight() if quantized else base.weight
-        x2 = x.reshape(-1, x.shape[-1])
-        ctx.merged = _merges(x2, w)
-        ht = None
-        if ctx.merged:  # one matmul with W + B·A (a quantized base's dequantised copy is fresh: in place)
-            wm = w.addmm_(b, a) if quantized else torch.addmm(w, b, a)
-            out = x2.mm(wm.t()) if base.bias is None else torch.addmm(base.bias, x2, wm.t())
-        else:
-            ht = a.mm(x2.t())  # (R, tokens)
-            out = x2.mm(w.t()) if base.bias is None else torch.addmm(base.bias, x2, w.t())
-            out.addmm_(ht.t(), b.t())
-        ctx.base, ctx.x_shape = base, x.shape
-        needs_x = ctx.needs_input_grad[1] or (ctx.merged and ctx.needs_input_grad[2])
-        source = _recomputable(x) if needs_x else None
-        ctx.source = None if source is None else source[:2]
-        kept = () if not needs_x else (x2,) if source is None else source[2]
-        ctx.save_for_backward(ht, a, b, None if quantized else w, *kept)
-        return out  # 2-D: a view returned from here could not be modified in place (EVA's ``qkv += bias``)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        ht, a, b, w, *kept = ctx.saved_tensors
-        g = grad.reshape(-1, grad.shape[-1])
-        ght = b.t().mm(g.t())  # (R, tokens)
-        x = None
-        if kept:
-            x = kept[0] if ctx.source is None else _recompute(*ctx.source, tuple(kept))
-            x = x.reshape(-1, x.shape[-1])
-        ga = ght.mm(x) if ctx.needs_input_grad[1] else None
-        gb = None
-        if ctx.needs_input_grad[2]:
-            gb = (a.mm(x.t()) if ht is None else ht).mm(g).t().contiguous()
-        gx = None
-        if ctx.needs_input_grad[0]:
-            quantized = w is None
-            w = ctx.base.dequantized_weight() if quantized else w
-            if ctx.merged:
-                gx = g.mm(w.addmm_(b, a) if quantized else torch.addmm(w, b, a)).view(ctx.x_shape)
-            else:
-                gx = g.mm(w).addmm_(ght.t(), a).view(ctx.x_shape)
-        return gx, ga, gb, None
-
-
-def _merges(x2: Tensor, w: Tensor) -> bool:
-    """Whether folding the delta into the weight is cheaper than the thin products: ``B·A`` and one matmul
-    cost ``out·in·(R+1)`` extra multiply-adds against ``tokens·R·(in+out)`` for ``x·Aᵀ`` and its product with
-    ``Bᵀ``, i.e. once the batch has more tokens than ``out·in / (in+out)`` (307 for a ViT-S ``fc1``)."""
-    return x2.shape[0] * (w.shape[0] + w.shape[1]) >= w.shape[0] * w.shape[1]
-
-
-def lora_linear(x: Tensor, base: nn.Module, a: Tensor, b: Tensor) -> Tensor:
-    """``base(x) + (x·aᵀ)·bᵀ`` for a frozen ``nn.Linear`` or :class:`QuantizedLinear` ``base`` (``b`` scaled).
-
-    With gradients: one fused autograd node (see ``_LoRALinearFn``); without (eval, no_grad): plain ops.
-
-    Args:
-        x: input, ``(..., in_features)``.
-        base: the frozen layer.
-        a: ``(R, in_features)`` down factor.
-        b: ``(out_features, R)`` up factor, scaling included.
-
-    Example:
-        >>> base = nn.Linear(8, 4).requires_grad_(False)
-        >>> a, b = torch.randn(2, 8), torch.randn(4, 2)
-        >>> x = torch.randn(3, 8)
-        >>> torch.allclose(lora_linear(x, base, a, b), base(x) + (x @ a.t()) @ b.t(), atol=1e-5)
-        True
-    """
-    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
-        out = _LoRALinearFn.apply(x, a, b, base)
-        return out.view(*x.shape[:-1], out.shape[-1])
-    return base(x) + F.linear(F.linear(x, a), b)
 
 
 def _frozen_forward(layer: "QuantizedBase", x: Tensor) -> Tensor:
