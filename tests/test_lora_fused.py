@@ -114,6 +114,22 @@ def test_adapter_scale_folded_into_up(conv):
     torch.testing.assert_close(ad(x), ad.up(ad.act(ad.down(x))) * 0.3, rtol=1e-5, atol=1e-6)
 
 
+def _kept_tensors(out: torch.Tensor) -> list[torch.Tensor]:
+    """Every tensor the autograd graph behind ``out`` keeps for backward (built-in nodes' ``_saved_*``, custom
+    Functions' ``saved_tensors``), read without saved-tensor hooks (under which the node would not rebuild)."""
+    seen, stack, kept = set(), [out.grad_fn], []
+    while stack:
+        fn = stack.pop()
+        if fn is None or id(fn) in seen:
+            continue
+        seen.add(id(fn))
+        values = list(getattr(fn, "saved_tensors", None) or ())
+        values += [getattr(fn, a) for a in dir(fn) if a.startswith("_saved_")]
+        kept += [v for v in values if isinstance(v, torch.Tensor)]
+        stack += [n for n, _ in fn.next_functions]
+    return kept
+
+
 _PRE_OPS = {
     "gelu": lambda h: F.gelu(h),
     "gelu-tanh": lambda h: F.gelu(h, approximate="tanh"),
@@ -136,11 +152,9 @@ def test_input_rebuilt_from_gelu_silu_layernorm_instead_of_kept(pre):
     layer = LoRALinear(nn.Linear(12, 6), rank=3, alpha=5, init="gaussian")
     h = torch.randn(2, 5, 12, requires_grad=True)
     g = torch.randn(2, 5, 6)
-    saved: list[torch.Tensor] = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        u = op(h)
-        y = layer(u)
-    kept_input = any(t.data_ptr() == u.data_ptr() for t in saved)
+    u = op(h)
+    y = layer(u)
+    kept_input = any(t.data_ptr() == u.data_ptr() for t in _kept_tensors(y))
     assert kept_input == (pre == "none")
     got = torch.autograd.grad(y, (h, layer.lora_A, layer.lora_B), g)
     h_ref = h.detach().clone().requires_grad_(True)
@@ -165,17 +179,11 @@ def test_vit_lora_keeps_a_quarter_less_for_backward_with_the_same_gradients(monk
     x, y = torch.randn(2, 3, 32, 32), torch.tensor([0, 2])
 
     def step() -> tuple[int, dict[str, torch.Tensor]]:
-        storages: dict[int, int] = {}
         weights = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:  # activations only: weights are kept by reference
-            if t.untyped_storage().data_ptr() not in weights:
-                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
         net.zero_grad()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = F.cross_entropy(net(x), y)
+        loss = F.cross_entropy(net(x), y)
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _kept_tensors(loss)
+                    if t.untyped_storage().data_ptr() not in weights}  # activations: weights are kept by reference
         loss.backward()
         return sum(storages.values()), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
 

@@ -28,6 +28,8 @@ def _recomputable(x: Tensor) -> tuple[str, str, tuple[Tensor | None, ...]] | Non
     ``x`` itself need not be kept: it is recomputed when ``A``'s gradient needs it. In a ViT block this
     drops the stored inputs of ``qkv``, ``fc1`` (LayerNorm outputs) and ``fc2`` (the 4×-wide GELU output).
     """
+    if _saved_tensor_hooks_active():  # checkpointing / offloading: reading another node's tensors would unpack them
+        return None
     fn = x.grad_fn
     kind = type(fn).__name__ if fn is not None else ""
     try:
@@ -39,6 +41,16 @@ def _recomputable(x: Tensor) -> tuple[str, str, tuple[Tensor | None, ...]] | Non
     except (AttributeError, RuntimeError):  # a build without these accessors, or tensors already freed
         return None
     return None
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """Whether saved-tensor hooks are in effect (activation checkpointing, CPU offloading, ...). There, reading
+    ``grad_fn._saved_*`` runs the unpack hook: a checkpointed block would be recomputed during the forward.
+    Without the (private) query, assume they are."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False) is not None
+    except (AttributeError, TypeError, RuntimeError):
+        return True
 
 
 def _recompute(kind: str, approximate: str, saved: tuple[Tensor | None, ...]) -> Tensor:
