@@ -196,7 +196,6 @@ def test_vit_lora_keeps_a_quarter_less_for_backward_with_the_same_gradients(monk
     assert kept < 0.75 * kept_all, (kept, kept_all)  # 0.66 measured; 1.0 when every input is kept
 
 
-
 @pytest.mark.parametrize("kernel", [1, 3])
 def test_quantized_conv_input_gradient_keeps_channels_last(kernel):
     """An NCHW upstream gradient (as from the head's pooling) into a quantized conv of a channels-last

@@ -69,14 +69,15 @@ def _recompute(kind: str, approximate: str, saved: tuple[Tensor | None, ...]) ->
 class _LoRALinearFn(torch.autograd.Function):
     """``base(x) + (x·Aᵀ)·Bᵀ`` for a frozen Linear ``base`` as one node (``B`` already scaled).
 
-    Forward: one matmul for ``x·Aᵀ``, the base matmul, and the thin product added into the base output in
-    place (``addmm_``: no second output-sized tensor, no separate add). Backward: the input gradient is
-    ``g·W`` with ``g·B·A`` accumulated into it in place; the frozen weight gets no gradient and is not
-    differentiated through. Saved: ``x`` (or, where ``x`` is a GELU/SiLU/LayerNorm output, the tensors that
-    node keeps anyway: see :func:`_recomputable`), the thin ``x·Aᵀ``, the factors and (float base) the
-    weight by reference; a quantized base dequantises again in backward, as :class:`_FrozenQuantized` does.
-    The thin products are computed transposed, ``(R, tokens)`` (``A·xᵀ``, ``Bᵀ·gᵀ``, ``(A·xᵀ)·g``): with
-    one MKL thread at ViT-S/224 sizes these layouts ran 1.4-6x faster than ``x·Aᵀ``, ``g·B``, ``gᵀ·h``.
+    Many tokens (:func:`_merges`): forward and input gradient are one matmul each with ``W + B·A`` (rebuilt
+    in backward, never stored). Few tokens: ``x·Aᵀ``, the base matmul and the thin product added into its
+    output in place; the input gradient ``g·W`` with ``g·B·A`` accumulated in place. Either way the frozen
+    weight gets no gradient and is not differentiated through. Saved: ``x`` (or, where ``x`` is a
+    GELU/SiLU/LayerNorm output, the tensors that node keeps anyway: see :func:`_recomputable`), the thin
+    ``x·Aᵀ`` (few tokens only), the factors and (float base) the weight by reference; a quantized base
+    dequantises again in backward, as ``_FrozenQuantized`` does. The thin products are computed transposed,
+    ``(R, tokens)`` (``A·xᵀ``, ``Bᵀ·gᵀ``, ``(A·xᵀ)·g``): with one MKL thread at ViT-S/224 sizes these
+    layouts ran 1.4-6x faster than ``x·Aᵀ``, ``g·B``, ``gᵀ·h``.
     """
 
     @staticmethod
@@ -86,8 +87,8 @@ class _LoRALinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])
         ctx.merged = _merges(x2, w)
         ht = None
-        if ctx.merged:  # one matmul with W + B·A (a quantized base's dequantised copy is fresh: in place)
-            wm = w.addmm_(b, a) if quantized else torch.addmm(w, b, a)
+        if ctx.merged:  # one matmul with W + B·A
+            wm = _merged(w, a, b, quantized)
             out = x2.mm(wm.t()) if base.bias is None else torch.addmm(base.bias, x2, wm.t())
         else:
             ht = a.mm(x2.t())  # (R, tokens)
@@ -119,10 +120,22 @@ class _LoRALinearFn(torch.autograd.Function):
             quantized = w is None
             w = ctx.base.dequantized_weight() if quantized else w
             if ctx.merged:
-                gx = g.mm(w.addmm_(b, a) if quantized else torch.addmm(w, b, a)).view(ctx.x_shape)
+                gx = g.mm(_merged(w, a, b, quantized)).view(ctx.x_shape)
             else:
                 gx = g.mm(w).addmm_(ght.t(), a).view(ctx.x_shape)
         return gx, ga, gb, None
+
+
+def _merged(w: Tensor, a: Tensor, b: Tensor, in_place: bool) -> Tensor:
+    """``W + B·A`` for a Linear or 1×1 conv weight; ``in_place`` for a quantized base's dequantised copy
+    (fresh on every call), a new tensor for a float base's weight."""
+    w2, a2, b2 = w.flatten(1), a.flatten(1), b.flatten(1)
+    return (w2.addmm_(b2, a2) if in_place else torch.addmm(w2, b2, a2)).view_as(w)
+
+
+def _records(*tensors: Tensor) -> bool:
+    """Whether autograd records an op on these tensors: the fused nodes are for training only."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _merges(x2: Tensor, w: Tensor) -> bool:
@@ -150,7 +163,7 @@ def lora_linear(x: Tensor, base: nn.Module, a: Tensor, b: Tensor) -> Tensor:
         >>> torch.allclose(lora_linear(x, base, a, b), base(x) + (x @ a.t()) @ b.t(), atol=1e-5)
         True
     """
-    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
+    if _records(x, a, b):
         out = _LoRALinearFn.apply(x, a, b, base)
         return out.view(*x.shape[:-1], out.shape[-1])
     return base(x) + F.linear(F.linear(x, a), b)
@@ -171,7 +184,7 @@ class _LoRAPointwiseFn(torch.autograd.Function):
         w = base.dequantized_weight() if quantized else base.weight
         ctx.base = base
         ctx.save_for_backward(x, a, b, None if quantized else w)
-        return F.conv2d(x, _merged_pointwise(w, a, b, quantized), base.bias)
+        return F.conv2d(x, _merged(w, a, b, quantized), base.bias)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
@@ -180,17 +193,12 @@ class _LoRAPointwiseFn(torch.autograd.Function):
         w = ctx.base.dequantized_weight() if quantized else w
         gx = ga = gb = None
         if ctx.needs_input_grad[0]:
-            gx = _conv_backward(grad, x, _merged_pointwise(w, a, b, quantized), (True, False))[0]
+            gx = _conv_backward(grad, x, _merged(w, a, b, quantized), (True, False))[0]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             h = F.conv2d(x, a)
             gh, gb = _conv_backward(grad, h, b, (ctx.needs_input_grad[1], ctx.needs_input_grad[2]))
             ga = _conv_backward(gh, x, a, (False, True))[1] if ctx.needs_input_grad[1] else None
         return gx, ga, gb, None
-
-
-def _merged_pointwise(w: Tensor, a: Tensor, b: Tensor, in_place: bool) -> Tensor:
-    w2 = w.flatten(1)
-    return (w2.addmm_(b.flatten(1), a.flatten(1)) if in_place else torch.addmm(w2, b.flatten(1), a.flatten(1))).view_as(w)
 
 
 def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, mask: tuple[bool, bool]) -> tuple[Tensor | None, ...]:
@@ -202,7 +210,14 @@ def _conv_backward(grad: Tensor, x: Tensor, weight: Tensor, mask: tuple[bool, bo
 
 def lora_pointwise(x: Tensor, base: nn.Module, a: Tensor, b: Tensor) -> Tensor:
     """``base(x) + conv(conv(x, a), b)`` for a frozen 1×1, stride-1, unpadded dense conv ``base`` (float or
-    :class:`QuantizedConv2d`; ``b`` scaled) as one fused node (``_LoRAPointwiseFn``) when training.
+    :class:`QuantizedConv2d`; ``b`` scaled) as one fused node (``_LoRAPointwiseFn``) when training;
+    without gradients, plain convs.
+
+    Args:
+        x: input, ``(N, in_channels, H, W)`` (NCHW or channels-last: the output and gradients follow it).
+        base: the frozen conv.
+        a: ``(R, in_channels, 1, 1)`` down factor.
+        b: ``(out_channels, R, 1, 1)`` up factor, scaling included.
 
     Example:
         >>> base = nn.Conv2d(6, 4, 1).requires_grad_(False)
@@ -211,6 +226,6 @@ def lora_pointwise(x: Tensor, base: nn.Module, a: Tensor, b: Tensor) -> Tensor:
         >>> torch.allclose(lora_pointwise(x, base, a, b), base(x) + F.conv2d(F.conv2d(x, a), b), atol=1e-5)
         True
     """
-    if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad):
+    if _records(x, a, b):
         return _LoRAPointwiseFn.apply(x, a, b, base)
     return base(x) + F.conv2d(F.conv2d(x, a), b)
